@@ -1,0 +1,72 @@
+"""Plain containers between the I/O layer and the reconstruction (no ISMRMRD in here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class KSpaceLines:
+    """Sampled Cartesian readout lines of a 3D multi-frame scan, stored compactly.
+
+    data: (n_lines, coils, nx) complex64; frame, kz, ky: (n_lines,) integer indices into the
+    (n_frames, nz, ny) grid (k-space centre at n//2); calib: (n_lines,) lines flagged as calibration.
+    A long time series never needs the dense frames x coils x volume array.
+    """
+    data: np.ndarray
+    frame: np.ndarray
+    kz: np.ndarray
+    ky: np.ndarray
+    calib: np.ndarray
+    n_frames: int
+    nz: int
+    ny: int
+
+    @property
+    def n_coils(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def nx(self) -> int:
+        return self.data.shape[2]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self.n_frames, self.nz, self.ny, self.nx
+
+    def mask(self) -> np.ndarray:
+        m = np.zeros((self.n_frames, self.nz, self.ny), dtype=bool)
+        m[self.frame, self.kz, self.ky] = True
+        return m
+
+    def calib_mask(self) -> np.ndarray:
+        m = np.zeros((self.nz, self.ny), dtype=bool)
+        m[self.kz[self.calib], self.ky[self.calib]] = True
+        return m
+
+    def acceleration(self) -> float:
+        return self.n_frames * self.nz * self.ny / max(len(self.frame), 1)
+
+    def dense(self) -> np.ndarray:
+        """(coils, frames, nz, ny, nx) with zeros where nothing was sampled; for small scans."""
+        k = np.zeros((self.n_coils, self.n_frames, self.nz, self.ny, self.nx), np.complex64)
+        k[:, self.frame, self.kz, self.ky, :] = np.moveaxis(self.data, 0, 1)
+        return k
+
+    @classmethod
+    def from_dense(cls, kspace: np.ndarray, mask: np.ndarray, calib_region: np.ndarray | None = None):
+        f, z, y = np.nonzero(mask)
+        data = np.ascontiguousarray(np.moveaxis(kspace[:, f, z, y, :], 0, 1)).astype(np.complex64)
+        calib = calib_region[z, y] if calib_region is not None else np.zeros(len(f), bool)
+        return cls(data, f, z, y, calib, mask.shape[0], mask.shape[1], mask.shape[2])
+
+
+@dataclass
+class Scan:
+    """Everything the reconstruction needs from one measurement."""
+    lines: KSpaceLines
+    noise: np.ndarray | None        # (coils, samples) complex64 noise-only samples, or None
+    protocol_yaml: str | None       # the protocol the data was acquired with
+    protocol_name: str
+    fov_mm: tuple[float, float, float]   # (x, y, z) of the reconstructed volume
