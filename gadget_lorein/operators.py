@@ -1,0 +1,82 @@
+"""The multi-coil, multi-frame Cartesian forward model, computed in the temporal subspace.
+
+A maps subspace coefficient images X (K, nz, ny, nx) to the sampled lines: for a line of frame t at
+(kz, ky), A X = sum_k U[t, k] F(S_c X_k)[kz, ky, :]. Because the sampling is Cartesian, the basis is
+applied to the measured lines once: B = A^H y lives in coefficient k-space (coils, K, nz, ny, nx), and
+the per-location Gram Q[kz, ky] = sum over the frames sampled there of conj(U_t)^T U_t (K x K) makes
+A^H A X = sum_c conj(S_c) F^H(Q F(S_c X)). Neither is ever materialised per frame, so 500 frames
+cost the same per iteration as 5. ||A X - y||^2 = <FSX, Q FSX> - 2 Re<FSX, B> + ||y||^2.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .data import KSpaceLines
+from .fft import fftnc, ifftnc
+
+
+class SubspaceOperator:
+    def __init__(self, lines: KSpaceLines, basis: torch.Tensor, maps: torch.Tensor,
+                 device="cpu"):
+        dev = torch.device(device)
+        self.device = dev
+        self.basis = basis.to(dev, torch.complex64)                  # T, K
+        self.maps = maps.to(dev, torch.complex64)                    # C, nz, ny, nx
+        K = self.basis.shape[1]
+        C, nz, ny, nx = self.maps.shape
+        if lines.n_coils != C:
+            raise ValueError(f"{lines.n_coils} coils in the data but {C} coil maps")
+        self.shape = (nz, ny, nx)
+        self.K = K
+        frame = torch.from_numpy(lines.frame.astype(np.int64)).to(dev)
+        loc = torch.from_numpy((lines.kz * ny + lines.ky).astype(np.int64)).to(dev)
+        u = self.basis[frame]                                       # L, K
+        # Gram per location
+        outer = (u.conj()[:, :, None] * u[:, None, :]).reshape(-1, K * K)
+        q = torch.zeros(nz * ny, K * K, dtype=torch.complex64, device=dev)
+        q.index_add_(0, loc, outer)
+        self.gram = q.reshape(nz, ny, K, K)
+        # B = A^H y in coefficient k-space, built in chunks of lines
+        b = torch.zeros(nz * ny, K, C, nx, dtype=torch.complex64, device=dev)
+        y_norm2 = 0.0
+        for i in range(0, len(lines.frame), 4096):
+            d = torch.from_numpy(lines.data[i:i + 4096]).to(dev)      # l, C, x
+            y_norm2 += float((d.abs() ** 2).sum())
+            b.index_add_(0, loc[i:i + 4096], u[i:i + 4096].conj()[:, :, None, None] * d[:, None])
+        self.b = b.reshape(nz, ny, K, C, nx).permute(3, 2, 0, 1, 4).contiguous()  # C,K,z,y,x
+        self.y_norm2 = y_norm2
+        self.n_lines = len(lines.frame)
+
+    # coefficient images <-> coefficient k-space
+    def coil_kspace(self, x: torch.Tensor) -> torch.Tensor:
+        """F(S_c X_k): (C, K, nz, ny, nx) from X (K, nz, ny, nx)."""
+        return fftnc(self.maps[:, None] * x[None])
+
+    def apply_gram(self, k: torch.Tensor) -> torch.Tensor:
+        """Q applied over K at every (kz, ky): k is (C, K, nz, ny, nx)."""
+        return torch.einsum("zyij,cjzyx->cizyx", self.gram, k)
+
+    def normal(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.apply_gram(self.coil_kspace(x))
+        return (self.maps.conj()[:, None] * ifftnc(k)).sum(0)
+
+    def adjoint_data(self) -> torch.Tensor:
+        """A^H y as coefficient images (K, nz, ny, nx)."""
+        return (self.maps.conj()[:, None] * ifftnc(self.b)).sum(0)
+
+    def data_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """||A X - y||^2 (differentiable in X)."""
+        k = self.coil_kspace(x)
+        qk = self.apply_gram(k)
+        return ((k.conj() * qk).real.sum() - 2 * (k.conj() * self.b).real.sum() + self.y_norm2)
+
+    def max_eig(self, iters: int = 20, seed: int = 0) -> float:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        x = torch.randn((self.K,) + self.shape, generator=g, dtype=torch.complex64).to(self.device)
+        lam = 1.0
+        for _ in range(iters):
+            y = self.normal(x)
+            lam = float(y.norm())
+            x = y / lam
+        return lam

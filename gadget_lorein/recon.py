@@ -1,0 +1,194 @@
+"""One reconstruction path for the gadget, ``lorein recon``, the benchmarks and the tests:
+Scan -> prewhitening -> subspace -> calibration (+ compression, coil maps) -> method -> maps."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from . import baselines, calibration, protocol as protocol_mod
+from .data import Scan
+from .fft import ifftnc
+from .operators import SubspaceOperator
+from .subspace import SubspaceModel, build_subspace
+
+log = logging.getLogger(__name__)
+
+METHODS = ("lorein", "pmr", "lrr", "cg", "llr", "zerofill")
+
+
+class ReconError(ValueError):
+    """Input the reconstruction cannot use; the message says what is wrong."""
+
+
+@dataclass
+class ReconSettings:
+    """Every setting of the reconstruction, with its default (the gadget's chain properties and
+    the CLI options use the same names)."""
+    method: str = "lorein"        # one of METHODS
+    device: str = "auto"          # auto (cuda if available), cpu, cuda, cuda:1, ...
+    rank: int = 0                 # subspace rank K; 0 = smallest K reaching `energy`
+    energy: float = 0.999         # captured dictionary energy when rank = 0
+    iterations: int = 0           # iterations of the method; 0 = the method's default
+    coil_maps: str = "lowres"     # lowres | espirit
+    virtual_coils: int = 0        # coil compression to this many virtual coils; 0 = off
+    protocol: str = ""            # override the protocol named in the data (name or YAML path)
+    seed: int = 0                 # network initialisation and stochastic choices
+    support_threshold: float = 0.08   # object support: low-res image above this x its 99th pct
+
+    @classmethod
+    def from_mapping(cls, values: dict) -> "ReconSettings":
+        known = {f: type(getattr(cls(), f)) for f in cls.__dataclass_fields__}
+        out = {}
+        for key, val in values.items():
+            if key not in known:
+                continue
+            typ = known[key]
+            try:
+                if typ is bool:
+                    out[key] = str(val).lower() in ("1", "true", "yes", "on")
+                else:
+                    out[key] = typ(val) if val not in ("", None) or typ is str else typ()
+            except ValueError:
+                raise ReconError(f"setting {key}={val!r} is not a valid {typ.__name__}") from None
+        s = cls(**out)
+        if s.method not in METHODS:
+            raise ReconError(f"unknown method '{s.method}': choose one of {', '.join(METHODS)}")
+        return s
+
+
+@dataclass
+class ReconResult:
+    maps: dict                     # name -> (nz, ny, nx) float32: T1, T2 [ms], PD [a.u.], B1
+    support: np.ndarray            # (nz, ny, nx) bool
+    timings: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ReconError(f"device '{name}' asked for, but torch sees no CUDA device")
+    return dev
+
+
+def scan_protocol(scan: Scan, override: str = "") -> protocol_mod.Protocol:
+    try:
+        if override:
+            return protocol_mod.load(override)
+        if scan.protocol_yaml:
+            return protocol_mod.from_yaml(scan.protocol_yaml)
+        return protocol_mod.load(scan.protocol_name)
+    except protocol_mod.ProtocolError as err:
+        raise ReconError(str(err)) from None
+
+
+def normalise_pd(pd: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """|PD| scaled so that its 99th percentile inside the support is 1 (CSF is about 1)."""
+    mag = np.abs(pd)
+    ref = np.percentile(mag[support], 99) if support.any() else 1.0
+    return (mag / max(ref, 1e-30)).astype(np.float32)
+
+
+class Stage:
+    """Times named stages into a dict."""
+    def __init__(self, timings: dict):
+        self.timings = timings
+
+    def __call__(self, name):
+        stage = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                stage.timings[name] = stage.timings.get(name, 0.0) + time.perf_counter() - self.t0
+        return _Ctx()
+
+
+def prepare(scan: Scan, settings: ReconSettings, timings: dict | None = None):
+    """Shared front end: returns (protocol, subspace, operator, support, info)."""
+    timings = {} if timings is None else timings
+    stage = Stage(timings)
+    dev = resolve_device(settings.device)
+    proto = scan_protocol(scan, settings.protocol)
+    lines = scan.lines
+    if proto.n_frames != lines.n_frames:
+        raise ReconError(f"protocol '{proto.name}' has {proto.n_frames} frames but the data has "
+                         f"{lines.n_frames}")
+    if not np.all(np.isfinite(lines.data)):
+        raise ReconError("k-space data contains NaN or Inf values")
+    with stage("prewhitening"):
+        if scan.noise is not None and scan.noise.size:
+            lines = calibration.apply_coil_matrix(lines, calibration.whitening_matrix(scan.noise))
+    with stage("subspace"):
+        sub = build_subspace(proto, settings.rank or None, settings.energy, device="cpu")
+    with stage("coil_maps"):
+        basis = sub.basis.numpy()
+        calib = calibration.calibration_kspace(lines, basis)
+        if settings.virtual_coils:
+            cc = calibration.coil_compression(calib, settings.virtual_coils)
+            lines = calibration.apply_coil_matrix(lines, cc)
+            calib = np.einsum("dc,c...->d...", cc, calib)
+        try:
+            maps = calibration.coil_maps(calib, settings.coil_maps)
+        except calibration.CalibrationError as err:
+            raise ReconError(str(err)) from None
+        low = np.sqrt((np.abs(ifftnc(torch.from_numpy(calib)).numpy()) ** 2).sum(0))
+        support = low > settings.support_threshold * np.percentile(low, 99)
+    with stage("operator"):
+        op = SubspaceOperator(lines, sub.basis, torch.from_numpy(maps), device=dev)
+    info = dict(protocol=proto.name, rank=sub.rank, energy=sub.energy, device=str(dev),
+                coils=lines.n_coils, frames=lines.n_frames, lines=len(lines.frame),
+                acceleration=lines.acceleration(), settings=asdict(settings))
+    return proto, sub.to(dev), op, torch.from_numpy(support).to(dev), info
+
+
+def match_maps(sub: SubspaceModel, x: torch.Tensor, support: torch.Tensor, encodes_b1: bool) -> dict:
+    """Dictionary matching of coefficient images X (K, nz, ny, nx) inside the support."""
+    vox = x[:, support].T
+    m = sub.match(vox)
+    out = {}
+    for name, key in (("T1", "t1"), ("T2", "t2"), ("B1", "b1"), ("PD", "pd")):
+        if name == "B1" and not encodes_b1:
+            continue
+        vol = torch.zeros(support.shape, dtype=m[key].dtype, device=support.device)
+        vol[support] = m[key].to(support.device)
+        out[name] = vol
+    return out
+
+
+def reconstruct(scan: Scan, settings: ReconSettings | None = None, progress=None) -> ReconResult:
+    settings = settings or ReconSettings()
+    timings: dict = {}
+    stage = Stage(timings)
+    torch.manual_seed(settings.seed)
+    proto, sub, op, support, info = prepare(scan, settings, timings)
+    with stage("fit"):
+        if settings.method in ("lorein", "pmr", "lrr"):
+            from . import lorein
+            maps, fit_info = lorein.fit(settings.method, op, sub, support, proto.encodes_b1,
+                                        iterations=settings.iterations, seed=settings.seed,
+                                        progress=progress)
+            info.update(fit_info)
+        else:
+            it = settings.iterations
+            if settings.method == "zerofill":
+                x = baselines.zero_filled(op)
+            elif settings.method == "cg":
+                x = baselines.cg_recon(op, iters=it or 30)
+            else:
+                x = baselines.llr_recon(op, iters=it or 40)
+            maps = match_maps(sub, x, support, proto.encodes_b1)
+    sup = support.cpu().numpy()
+    out = {k: v.detach().cpu().numpy() for k, v in maps.items()}
+    out = {k: (normalise_pd(v, sup) if k == "PD" else np.where(sup, v.real, 0).astype(np.float32))
+           for k, v in out.items()}
+    info["method"] = settings.method
+    return ReconResult(out, sup, timings, info)
