@@ -23,6 +23,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import baselines
@@ -39,6 +40,8 @@ class FitConfig:
     lr: float = 5e-3
     couple_weight: float = 1.0
     init_cg_iterations: int = 20
+    init: str = "cg"          # linear estimate the maps start from: zerofill | cg
+    init_median: int = 3            # median filter (voxels) on the initial T1/T2/B1 maps; 0 = off
     patience: int = 40
     tol: float = 1e-4
     finest_fraction: float = 1.0     # finest hash-grid resolution as a fraction of the matrix
@@ -104,6 +107,21 @@ def _scatter(vox: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     return img
 
 
+def _median_init(init: dict, support: torch.Tensor, size: int) -> dict:
+    """Median-filter the initial T1, T2, B1 maps inside the support (dictionary matching of a
+    linear estimate gives isolated outliers at extreme T1/T2 that a gradient fit cannot leave)."""
+    from scipy.ndimage import median_filter
+    sup = support.cpu().numpy()
+    out = dict(init)
+    for key in ("t1", "t2", "b1"):
+        vol = np.full(sup.shape, np.nan, np.float32)
+        vol[sup] = init[key].cpu().numpy()
+        fill = np.nanmedian(vol)
+        filt = median_filter(np.where(sup, vol, fill), size=size, mode="nearest")
+        out[key] = torch.from_numpy(filt[sup]).to(init[key].device)
+    return out
+
+
 def support_coords(support: torch.Tensor) -> torch.Tensor:
     """Voxel centres of the support in [0, 1]^3 (z, y, x order), isotropic over the largest axis."""
     idx = torch.nonzero(support).float()
@@ -118,10 +136,15 @@ def fit(method: str, op: SubspaceOperator, sub: SubspaceModel, support: torch.Te
     iterations = iterations or cfg.iterations
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    x_cg = baselines.cg_recon(op, iters=cfg.init_cg_iterations)
-    x0 = x_cg[:, support].T.contiguous()                                # N, K
+    if cfg.init == "cg":
+        x_lin = baselines.cg_recon(op, iters=cfg.init_cg_iterations)
+    else:
+        x_lin = baselines.zero_filled(op)
+    x0 = x_lin[:, support].T.contiguous()                               # N, K
     init = sub.match(x0)
     init = {k: v.to(op.device) for k, v in init.items()}
+    if cfg.init_median:
+        init = _median_init(init, support, cfg.init_median)
     finest = max(8, int(cfg.finest_fraction * max(support.shape)))
     grid = HashGridConfig(finest_resolution=finest)
     coords = support_coords(support)
@@ -155,7 +178,7 @@ def fit(method: str, op: SubspaceOperator, sub: SubspaceModel, support: torch.Te
         loss.backward()
         opt.step()
         sched.step()
-        val = float(loss)
+        val = float(loss.detach())
         history.append(val)
         if progress:
             progress(it + 1, iterations, val)

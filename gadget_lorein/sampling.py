@@ -117,8 +117,8 @@ def _square_ish(limit, ny, nz, cap=_CALIB_CAP):
 def auto_calib(n_frames: int, ny: int, nz: int, accel: float, calib_mode: str = "per_frame") -> tuple:
     """A calibration size (cy, cz) that fits the sampling budget.
 
-    'union': about ny/5 x nz/5 (even numbers, 4 to 24 per axis, e.g. 12x10 for 64x48), shrunk
-    if needed to at most half of all lines. 'per_frame': the largest square-ish block (at most
+    'union': about ny/4 x nz/4 (even numbers, 12 to 24 per axis where the grid allows: smaller
+    regions give poor coil maps), shrunk if needed to at most 60 % of all lines. 'per_frame': the largest square-ish block (at most
     24x24) using at most half of each frame's lines; at least 4x4 (that even if it takes more
     than half); ValueError if a 4x4 block does not fit in a frame at all.
     """
@@ -127,9 +127,9 @@ def auto_calib(n_frames: int, ny: int, nz: int, accel: float, calib_mode: str = 
     total = n_samples(n_frames, ny, nz, accel)
     lo_y, lo_z = min(_CALIB_MIN, ny), min(_CALIB_MIN, nz)
     if calib_mode == "union":
-        cy = min(ny, max(lo_y, min(_CALIB_CAP, 2 * round(ny / 10))))
-        cz = min(nz, max(lo_z, min(_CALIB_CAP, 2 * round(nz / 10))))
-        while cy * cz > total / 2 and (cy > lo_y or cz > lo_z):
+        cy = min(ny, max(12, min(_CALIB_CAP, 2 * round(ny / 8))))
+        cz = min(nz, max(12, min(_CALIB_CAP, 2 * round(nz / 8))))
+        while cy * cz > 0.6 * total and (cy > lo_y or cz > lo_z):
             if cy >= cz and cy > lo_y or cz <= lo_z:
                 cy -= 1
             else:

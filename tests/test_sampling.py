@@ -51,7 +51,7 @@ def test_brief_targets_with_auto_calib():
     assert m.sum() == 320 and m[:, sp.calib_slices(64, 48, (6, 5))[0],
                                  sp.calib_slices(64, 48, (6, 5))[1]].all()
     # several hundred for ~400 frames in union mode
-    assert sp.auto_calib(400, 64, 48, 500, "union") == (12, 10)
+    assert sp.auto_calib(400, 64, 48, 500, "union") == (16, 12)
     m = sp.sampling_masks(400, 64, 48, 500, calib_mode="union", seed=0)
     assert m.sum() == round(400 * 64 * 48 / 500)
 
@@ -66,10 +66,10 @@ def test_auto_calib_rules():
     assert sp.auto_calib(5, 64, 48, 100, "per_frame") == (4, 4)
     with pytest.raises(ValueError, match="union"):
         sp.auto_calib(5, 64, 48, 250, "per_frame")
-    # union: about ny/5 x nz/5, shrunk to at most half of all lines
-    assert sp.auto_calib(5, 64, 48, 48, "union") == (12, 10)
+    # union: about ny/4 x nz/4 (at least 12 where the grid allows), shrunk to at most 60 % of all lines
+    assert sp.auto_calib(5, 64, 48, 48, "union") == (16, 12)
     cy, cz = sp.auto_calib(2, 64, 48, 100, "union")
-    assert cy * cz <= sp.n_samples(2, 64, 48, 100) / 2 and (cy, cz) != (12, 10)
+    assert cy * cz <= 0.6 * sp.n_samples(2, 64, 48, 100) and (cy, cz) != (16, 12)
     with pytest.raises(ValueError, match="calibration"):
         sp.auto_calib(2, 64, 48, 400, "union")
     assert sp.auto_calib(5, 3, 2, 1, "union") == (3, 2)
