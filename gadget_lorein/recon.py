@@ -28,7 +28,7 @@ class ReconError(ValueError):
 class ReconSettings:
     """Every setting of the reconstruction, with its default (the gadget's chain properties and
     the CLI options use the same names)."""
-    method: str = "lorein"        # one of METHODS
+    method: str = "cg"            # one of METHODS (lorein does not yet beat cg on every map: see README)
     device: str = "auto"          # auto (cuda if available), cpu, cuda, cuda:1, ...
     rank: int = 0                 # subspace rank K; 0 = smallest K reaching `energy`
     energy: float = 0.999         # captured dictionary energy when rank = 0
