@@ -78,8 +78,10 @@ class HashGridEncoding(nn.Module):
 
 
 class CoordinateNet(nn.Module):
-    """Hash-grid encoding followed by a small ReLU MLP; the last layer starts at zero so that a
-    network added to an initial estimate starts exactly at that estimate."""
+    """Hash-grid encoding followed by a small ReLU MLP. ``offset()`` (after ``precompute``)
+    records the initial output; ``forward`` returns the change since then, so a network added to
+    an initial estimate starts exactly at that estimate while every layer receives gradients from
+    the first step (a zero last layer would starve the hash tables and hidden layers)."""
 
     def __init__(self, out_dim: int, cfg: HashGridConfig | None = None, seed: int = 0):
         super().__init__()
@@ -90,13 +92,14 @@ class CoordinateNet(nn.Module):
         for _ in range(cfg.hidden_layers):
             layers += [nn.Linear(width, cfg.hidden), nn.ReLU()]
             width = cfg.hidden
-        last = nn.Linear(width, out_dim)
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
-        self.mlp = nn.Sequential(*layers, last)
+        self.mlp = nn.Sequential(*layers, nn.Linear(width, out_dim))
+        self.register_buffer("u0", torch.zeros(0))
 
     def precompute(self, coords):
         self.encoding.precompute(coords)
+        with torch.no_grad():
+            self.u0 = self.mlp(self.encoding())
 
     def forward(self, coords=None):
-        return self.mlp(self.encoding(coords))
+        out = self.mlp(self.encoding(coords))
+        return out - self.u0 if coords is None and self.u0.numel() else out

@@ -36,15 +36,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FitConfig:
-    iterations: int = 300
-    lr: float = 5e-3
+    iterations: int = 150
+    lr: float = 1e-2
     couple_weight: float = 1.0
     init_cg_iterations: int = 20
     init: str = "cg"          # linear estimate the maps start from: zerofill | cg
-    init_median: int = 3            # median filter (voxels) on the initial T1/T2/B1 maps; 0 = off
+    init_median: int = 0            # median filter (voxels) on the initial maps; 0 = off (a 3-voxel
+                                    # median turns thin cortex next to CSF into CSF-like outliers)
     patience: int = 40
     tol: float = 1e-4
     finest_fraction: float = 1.0     # finest hash-grid resolution as a fraction of the matrix
+    tv_weight: float = 0.0           # total variation of log T1, log T2 (and B1) maps, per voxel
 
 
 def _logit(p):
@@ -122,6 +124,20 @@ def _median_init(init: dict, support: torch.Tensor, size: int) -> dict:
     return out
 
 
+def _tv(maps: dict, support: torch.Tensor) -> torch.Tensor:
+    """Mean absolute finite difference of log T1, log T2 (and B1) between support neighbours."""
+    total = torch.zeros((), device=support.device)
+    for key in ("t1", "t2", "b1"):
+        vals = torch.log(maps[key]) if key != "b1" else maps[key]
+        vol = torch.zeros(support.shape, dtype=vals.dtype, device=vals.device)
+        vol[support] = vals
+        for d in range(3):
+            both = support.narrow(d, 1, support.shape[d] - 1) & support.narrow(d, 0, support.shape[d] - 1)
+            diff = vol.narrow(d, 1, vol.shape[d] - 1) - vol.narrow(d, 0, vol.shape[d] - 1)
+            total = total + diff[both].abs().sum()
+    return total / support.sum()
+
+
 def support_coords(support: torch.Tensor) -> torch.Tensor:
     """Voxel centres of the support in [0, 1]^3 (z, y, x order), isotropic over the largest axis."""
     idx = torch.nonzero(support).float()
@@ -171,8 +187,11 @@ def fit(method: str, op: SubspaceOperator, sub: SubspaceModel, support: torch.Te
             x = lrr()
             loss = loss + op.data_loss(_scatter(x, support)) / y2
         if use_pmr:
-            xp = pmr.coefficients(pmr())
+            pm = pmr()
+            xp = pmr.coefficients(pm)
             loss = loss + op.data_loss(_scatter(xp, support)) / y2
+        if use_pmr and cfg.tv_weight:
+            loss = loss + cfg.tv_weight * _tv(pm, support)
         if use_lrr and use_pmr:
             loss = loss + cfg.couple_weight * density * (xp - x).abs().pow(2).sum() / y2
         loss.backward()
