@@ -51,7 +51,9 @@ class ReconSettings:
                 if typ is bool:
                     out[key] = str(val).lower() in ("1", "true", "yes", "on")
                 else:
-                    out[key] = typ(val) if val not in ("", None) or typ is str else typ()
+                    if val in ("", None) and typ is not str:
+                        continue          # empty means the default
+                    out[key] = typ(val)
             except ValueError:
                 raise ReconError(f"setting {key}={val!r} is not a valid {typ.__name__}") from None
         s = cls(**out)
