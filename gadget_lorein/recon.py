@@ -167,7 +167,24 @@ def match_maps(sub: SubspaceModel, x: torch.Tensor, support: torch.Tensor, encod
 
 
 def reconstruct(scan: Scan, settings: ReconSettings | None = None, progress=None) -> ReconResult:
+    """Maps from one scan. When the GPU runs out of memory the whole reconstruction is repeated
+    on the CPU, with a warning in the log, instead of failing."""
     settings = settings or ReconSettings()
+    try:
+        return _reconstruct(scan, settings, progress)
+    except torch.cuda.OutOfMemoryError as err:
+        if resolve_device(settings.device).type != "cuda":
+            raise
+        log.warning("recon: out of GPU memory (%s); falling back to the CPU, which is much slower",
+                    str(err).splitlines()[0])
+        torch.cuda.empty_cache()
+        from dataclasses import replace
+        result = _reconstruct(scan, replace(settings, device="cpu"), progress)
+        result.info["fallback"] = "cpu after CUDA out of memory"
+        return result
+
+
+def _reconstruct(scan: Scan, settings: ReconSettings, progress=None) -> ReconResult:
     timings: dict = {}
     stage = Stage(timings)
     torch.manual_seed(settings.seed)
