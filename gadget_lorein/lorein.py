@@ -148,6 +148,19 @@ def support_coords(support: torch.Tensor) -> torch.Tensor:
 def fit(method: str, op: SubspaceOperator, sub: SubspaceModel, support: torch.Tensor,
         encodes_b1: bool, iterations: int = 0, seed: int = 0, progress=None,
         config: FitConfig | None = None) -> tuple[dict, dict]:
+    """Fit ``method`` (lorein | pmr | lrr); returns (maps, info). On the CPU the fit uses
+    deterministic kernels (the hash tables' gradient accumulation is otherwise order-dependent
+    across threads), so a seed gives bit-identical maps."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    if op.device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    try:
+        return _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, config)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, config):
     cfg = config or FitConfig()
     iterations = iterations or cfg.iterations
     torch.manual_seed(seed)

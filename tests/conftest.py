@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "test_data"
 CONFIG_TEXT_ID, HEADER_ID, CLOSE_ID, ERROR_ID = 2, 3, 4, 8
 
-QALAS_SPEC = dict(matrix=(24, 24, 16), n_coils=6, accel=8, noise=0.005, seed=0, calib_mode="per_frame")
+QALAS_SPEC = dict(matrix=(24, 24, 16), n_coils=6, accel=8, noise=0.005, seed=0, calib_mode="union")
 MRF_SPEC = dict(matrix=(24, 24, 16), n_coils=6, accel=100, noise=0.005, seed=0, calib_mode="union")
 MRF_OVERRIDES = dict(n_tr=100, epg_states=32,
                      dictionary={"t1_ms": [100.0, 6000.0, 40], "t2_ms": [10.0, 3000.0, 40],

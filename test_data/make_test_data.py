@@ -1,0 +1,112 @@
+"""Regenerate the small test scans in this folder, byte for byte, and their SHA256SUMS.
+
+    python test_data/make_test_data.py            # rewrite the files and SHA256SUMS here
+    python test_data/make_test_data.py --out DIR  # write them elsewhere (SHA256SUMS not touched)
+    python test_data/make_test_data.py --check    # regenerate into a temporary folder, compare
+
+Files (the same code path as ``lorein simulate``: ``gadget_lorein.cli.simulate_to_files``):
+
+- ``qalas_small.h5`` + ``qalas_small_truth.npz``: shipped qalas protocol, matrix 24 x 24 x 16,
+  6 coils, R = 8 (a calibration block shared among the frames, chosen automatically), noise 0.005, seed 0; the same as
+  ``lorein simulate --sequence qalas --matrix 24 24 16 --coils 6 --accel 8 --noise 0.005 --seed 0``.
+- ``mrf_small.h5`` + ``mrf_small_truth.npz``: shipped mrf protocol with n_tr = 100, epg_states = 32
+  and a dictionary grid T1 [100, 6000] ms x 40, T2 [10, 3000] ms x 40, B1 [0.6, 1.4] x 5 (the
+  protocol YAML in the raw header carries these); matrix 24 x 24 x 16, 6 coils, R = 100,
+  calibration split among the frames ('union'), noise 0.005, seed 0.
+
+The raw files follow docs/data-format.md; the truth files hold T1, T2 [ms], PD, B1 (mrf), labels,
+brain_mask, fov_mm, protocol, matrix. Reproducible: HDF5 objects carry no time stamps (h5py does
+not record them by default) and the .npz is written with fixed zip time stamps
+(``gadget_lorein.cli.save_npz``). The numbers come from numpy's seeded generators and torch on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+MATRIX = (24, 24, 16)
+COMMON = dict(n_coils=6, noise=0.005, seed=0)
+MRF_OVERRIDES = dict(n_tr=100, epg_states=32,
+                     dictionary={"t1_ms": [100.0, 6000.0, 40], "t2_ms": [10.0, 3000.0, 40],
+                                 "b1": [0.6, 1.4, 5]})
+CASES = {
+    "qalas_small": dict(protocol="qalas", overrides=None, accel=8.0, calib_mode="union"),
+    "mrf_small": dict(protocol="mrf", overrides=MRF_OVERRIDES, accel=100.0, calib_mode="union"),
+}
+FILES = [f"{name}{suffix}" for name in CASES for suffix in (".h5", "_truth.npz")]
+
+
+def protocol_of(name: str):
+    from gadget_lorein import protocol
+    case = CASES[name]
+    proto = protocol.load(case["protocol"])
+    if case["overrides"]:
+        proto = proto.with_overrides(**case["overrides"])
+    return proto
+
+
+def plan_of(name: str, proto) -> dict:
+    from gadget_lorein import sampling
+    case = CASES[name]
+    nx, ny, nz = MATRIX
+    calib = sampling.auto_calib(proto.n_frames, ny, nz, case["accel"], case["calib_mode"])
+    return dict(matrix=MATRIX, accel=case["accel"], calib=calib, calib_mode=case["calib_mode"], **COMMON)
+
+
+def generate(out: Path) -> dict:
+    """Write every file into ``out``; return {file name: sha256}."""
+    from gadget_lorein.cli import simulate_to_files
+    out.mkdir(parents=True, exist_ok=True)
+    for name in CASES:
+        proto = protocol_of(name)
+        simulate_to_files(proto, plan_of(name, proto), out / f"{name}.h5", out / f"{name}_truth.npz")
+    return {f: sha256(out / f) for f in FILES}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_sums(path: Path = HERE / "SHA256SUMS") -> dict:
+    sums = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            digest, name = line.split(maxsplit=1)
+            sums[name.lstrip("*")] = digest
+    return sums
+
+
+def write_sums(sums: dict, path: Path = HERE / "SHA256SUMS") -> None:
+    path.write_text("".join(f"{sums[f]}  {f}\n" for f in FILES))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, help="write here instead of test_data/ (SHA256SUMS untouched)")
+    ap.add_argument("--check", action="store_true", help="regenerate into a temporary folder and compare "
+                    "with SHA256SUMS")
+    args = ap.parse_args(argv)
+    if args.check:
+        with tempfile.TemporaryDirectory() as tmp:
+            got = generate(Path(tmp))
+        want = read_sums()
+        bad = [f for f in FILES if got.get(f) != want.get(f)]
+        for f in FILES:
+            print(f"{'ok  ' if f not in bad else 'DIFF'} {f}")
+        return 1 if bad else 0
+    out = args.out or HERE
+    sums = generate(out)
+    if args.out is None:
+        write_sums(sums)
+    for f in FILES:
+        print(f"{sums[f]}  {f} ({(out / f).stat().st_size} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
