@@ -49,6 +49,14 @@ class FitConfig:
     tv_weight: float = 0.0           # total variation of log T1, log T2 (and B1) maps, per voxel
 
 
+def _p99(x: torch.Tensor) -> float:
+    """99th percentile; torch.quantile refuses more than 2**24 elements, so large inputs are
+    subsampled with a fixed stride (deterministic)."""
+    flat = x.reshape(-1)
+    step = -(-flat.numel() // 2 ** 24)
+    return float(flat[::step].float().quantile(0.99))
+
+
 def _logit(p):
     p = p.clamp(1e-4, 1 - 1e-4)
     return torch.log(p) - torch.log1p(-p)
@@ -64,7 +72,7 @@ class PMR(torch.nn.Module):
         self.lo = dict(t1=math.log(sub.t1[0]), t2=math.log(sub.t2[0]), b1=float(sub.b1[0]))
         self.hi = dict(t1=math.log(sub.t1[-1]), t2=math.log(sub.t2[-1]), b1=float(sub.b1[-1]))
         pd = init["pd"]
-        self.pd_max = float(pd.abs().quantile(0.99)) * 2 + 1e-30
+        self.pd_max = _p99(pd.abs()) * 2 + 1e-30
         z = dict(t1=_logit((init["t1"].log() - self.lo["t1"]) / (self.hi["t1"] - self.lo["t1"])),
                  t2=_logit((init["t2"].log() - self.lo["t2"]) / (self.hi["t2"] - self.lo["t2"])),
                  pd=_logit(pd.abs() / self.pd_max))
@@ -93,7 +101,7 @@ class LRR(torch.nn.Module):
     def __init__(self, x0: torch.Tensor, cfg: HashGridConfig, seed):
         super().__init__()
         self.register_buffer("x0", x0)                                 # N, K complex
-        self.scale = float(x0.abs().quantile(0.99)) + 1e-30
+        self.scale = _p99(x0.abs()) + 1e-30
         self.net = CoordinateNet(2 * x0.shape[1], cfg, seed)
 
     def forward(self):
@@ -175,7 +183,9 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
     if cfg.init_median:
         init = _median_init(init, support, cfg.init_median)
     finest = max(8, int(cfg.finest_fraction * max(support.shape)))
-    grid = HashGridConfig(finest_resolution=finest)
+    # tables no larger than the voxels can use (at least 2**12, at most 2**19 entries per level)
+    log2_table = int(min(19, max(12, math.ceil(math.log2(max(int(support.sum()), 2))) + 1)))
+    grid = HashGridConfig(finest_resolution=finest, log2_table=log2_table)
     coords = support_coords(support)
     density = float(op.gram.diagonal(dim1=-2, dim2=-1).real.mean())
     y2 = max(op.y_norm2, 1e-30)
