@@ -210,7 +210,7 @@ def test_defaults_per_sequence():
     parser = cli.build_parser()
     q = cli.simulation_plan(parser.parse_args(["simulate", "-o", "x.h5"]))
     m = cli.simulation_plan(parser.parse_args(["simulate", "--sequence", "mrf", "-o", "x.h5"]))
-    assert q[0].kind == "qalas" and q[1]["accel"] == 16 and q[1]["calib_mode"] == "per_frame"
+    assert q[0].kind == "qalas" and q[1]["accel"] == 16 and q[1]["calib_mode"] == "union"
     assert q[1]["matrix"] == (64, 64, 48) and q[1]["n_coils"] == 8 and q[1]["noise"] == 0.01
     assert m[0].kind == "mrf" and m[1]["accel"] == 200 and m[1]["calib_mode"] == "union"
 
