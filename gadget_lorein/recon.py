@@ -133,12 +133,12 @@ def prepare(scan: Scan, settings: ReconSettings, timings: dict | None = None):
         sub = build_subspace(proto, settings.rank or None, settings.energy, device="cpu")
     with stage("coil_maps"):
         basis = sub.basis.numpy()
-        calib = calibration.calibration_kspace(lines, basis)
-        if settings.virtual_coils:
-            cc = calibration.coil_compression(calib, settings.virtual_coils)
-            lines = calibration.apply_coil_matrix(lines, cc)
-            calib = np.einsum("dc,c...->d...", cc, calib)
         try:
+            calib = calibration.calibration_kspace(lines, basis)
+            if settings.virtual_coils:
+                cc = calibration.coil_compression(calib, settings.virtual_coils)
+                lines = calibration.apply_coil_matrix(lines, cc)
+                calib = np.einsum("dc,c...->d...", cc, calib)
             maps = calibration.coil_maps(calib, settings.coil_maps)
         except calibration.CalibrationError as err:
             raise ReconError(str(err)) from None

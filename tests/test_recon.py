@@ -54,3 +54,15 @@ def test_cpu_fit_is_deterministic(tiny):
     b = recon.reconstruct(tiny.scan, recon.ReconSettings(method="lorein", iterations=5))
     for k in a.maps:
         np.testing.assert_array_equal(a.maps[k], b.maps[k])
+
+
+def test_coil_compression_keeps_the_maps(tiny):
+    full = recon.reconstruct(tiny.scan, recon.ReconSettings(method="cg"))
+    cc = recon.reconstruct(tiny.scan, recon.ReconSettings(method="cg", virtual_coils=3))
+    assert cc.info["coils"] == 3 and full.info["coils"] == 4
+    truth = tiny.truth()
+    e_full, e_cc = metrics.map_errors(full.maps, truth), metrics.map_errors(cc.maps, truth)
+    assert all(np.isfinite(cc.maps[k]).all() for k in cc.maps)
+    assert e_cc["T1"] < e_full["T1"] + 0.1, (e_full, e_cc)
+    with pytest.raises(recon.ReconError, match="virtual_coils=9"):
+        recon.reconstruct(tiny.scan, recon.ReconSettings(method="cg", virtual_coils=9))
