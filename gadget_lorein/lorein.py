@@ -230,17 +230,9 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
             log.info("lorein: converged after %d iterations (loss %.6g)", it + 1, val)
             break
     with torch.no_grad():
-        if use_pmr:
-            m = pmr()
-            maps = {"T1": m["t1"], "T2": m["t2"], "PD": m["pd"]}
-            if encodes_b1:
-                maps["B1"] = m["b1"]
-        else:
-            m = sub.match(lrr())
-            maps = {"T1": m["t1"], "T2": m["t2"], "PD": m["pd"]}
-            if encodes_b1:
-                maps["B1"] = m["b1"]
-        maps = {k: _scatter(v[:, None], support)[0] for k, v in maps.items()}
+        m = pmr() if use_pmr else sub.match(lrr())   # maps from PMR, or matched LRR coefficients
+        names = {"T1": "t1", "T2": "t2", "PD": "pd", **({"B1": "b1"} if encodes_b1 else {})}
+        maps = {k: _scatter(m[key][:, None], support)[0] for k, key in names.items()}
     info = dict(iterations=len(history), final_loss=history[-1] if history else None,
                 fit_seconds=time.perf_counter() - t0, voxels=int(support.sum()))
     return maps, info

@@ -420,3 +420,12 @@ def serve_command(port: int, *args: str) -> list:
     """``lorein serve --port P`` (the console script of this environment)."""
     lorein = Path(sys.executable).with_name("lorein")
     return [str(lorein), "serve", "--port", str(port), *args]
+
+
+def stop_process(proc) -> None:
+    """Kill a child that is still running, reap it and close its stdout (test teardown)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()

@@ -26,7 +26,7 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from conftest import (REPO, chain_copy, check_accuracy, check_images, converse, expected_geometry,
+from conftest import (REPO, stop_process, chain_copy, check_accuracy, check_images, converse, expected_geometry,
                       gadget_env, header_bytes_without_attr_len, meta, play, raw_items, read_chain, serve_command, wait_listening)
 from gadget_lorein import gadget, mrd, recon
 
@@ -196,10 +196,7 @@ def test_serve_loopback(qalas_small, tmp_path):
         rc = proc.wait(20)
         log = proc.stdout.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+        stop_process(proc)
     assert rc == 0, log[-4000:]
     assert result.closed and not result.errors and result.receive_error is None, log[-4000:]
     check_images(result.images, qalas_small, "CG")

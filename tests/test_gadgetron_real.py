@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import (REPO, THRESHOLDS, chain_copy, check_accuracy, check_images, gadget_env,
+from conftest import (REPO, stop_process, THRESHOLDS, chain_copy, check_accuracy, check_images, gadget_env,
                       header_bytes_without_attr_len, read_chain, serve_command, wait_listening)
 from gadget_lorein import gadget, mrd
 from gadget_lorein import replay as rp
@@ -199,10 +199,7 @@ def test_passive_serve_as_shipped(server, mrf_small, shipped_mrf_reference, tmp_
         rc = gadget_proc.wait(30)
         log = gadget_proc.stdout.read()
     finally:
-        if gadget_proc.poll() is None:
-            gadget_proc.kill()
-            gadget_proc.wait()
-        gadget_proc.stdout.close()
+        stop_process(gadget_proc)
     assert proc.returncode == 0, proc.stdout + proc.stderr + log[-3000:]
     assert rc == 0, log[-4000:]
     images = mrd.read_images(out, "run")
