@@ -49,15 +49,15 @@ Settings
     ================== ============ ==============================================================
     name               default      meaning
     ================== ============ ==============================================================
-    method             cg           cg (subspace CG least squares + dictionary matching), lorein
-                                    (joint low-rank + parameter-map networks), pmr, lrr, llr
+    method             lorein       lorein (joint low-rank + parameter-map networks), pmr, lrr,
+                                    cg (subspace CG least squares + dictionary matching), llr
                                     (locally low-rank), zerofill
     device             auto         auto (cuda if torch sees one, else cpu), cpu, cuda, cuda:N
     rank               0            subspace rank K; 0 = the smallest K capturing ``energy``
     energy             0.999        dictionary energy the subspace must capture when rank = 0
                                     (0 < energy <= 1)
-    iterations         0            iterations of the method; 0 = its default (lorein/pmr/lrr 150
-                                    with early stop, cg 30, llr 40)
+    iterations         0            iterations of the method; 0 = its default (lorein/pmr/lrr 300
+                                    with early stop, cg 30, llr 80)
     coil_maps          lowres       coil sensitivities from the calibration region: lowres
                                     (windowed low-resolution images) or espirit (needs a
                                     calibration region of at least 6 x 6 (kz x ky) lines)

@@ -3,6 +3,8 @@
 
 - LRR block: a hash-grid coordinate network gives the K complex subspace coefficients of every voxel
   in the object support: X = X0 + s * net_lrr(r).
+  (Both networks return their change since initialisation, so the fit starts exactly at X0 / the
+  initial maps.)
 - PMR block: a second network gives T1, T2, B1 (bounded: sigmoids onto the dictionary's ranges, in
   log T1 / log T2) and complex PD (bounded magnitude, phase); the signal table of the sequence's
   physics model turns them into subspace coefficients Xp = PD * U^H s(T1, T2, B1).
@@ -10,9 +12,15 @@
       DC(X) + DC(Xp) + w_couple * ||Xp - X||^2 * (mean sampling density)
   with DC(.) = ||A . - y||^2 computed in the subspace (see operators.py). The coupling weight is
   scaled by the mean of A^H A's diagonal so that it is commensurate with the data terms.
-- Initialisation: CG least squares in the subspace and dictionary matching (so the fit starts from
-  the best linear estimate and only has to improve on it). Adam with a cosine schedule; early stop
+- Initialisation: CG least squares in the subspace, dictionary matching, then Gaussian smoothing of
+  the matched maps (``init_smooth`` voxels; log T1, log T2, complex PD). Starting from the smoothed
+  maps is what lets the coordinate networks act as a prior: started at the noisy per-voxel matches,
+  the fit keeps their noise (measured at qalas R=8, 24x24x16: brain T1 NRMSE 0.44 -> 0.22). The LRR
+  block starts at the coefficients of the same smoothed maps. Adam with a cosine schedule; early stop
   when the loss has not improved by ``tol`` (relative) over ``patience`` steps.
+- B1 (where the protocol encodes it) is a smooth transmit field: it comes from a coarse trilinear
+  control grid (``b1_grid`` points per axis) on top of a strongly smoothed start, not from the
+  network (measured at mrf, 24x24x16: brain B1 NRMSE 0.24 -> 0.15).
 Methods: ``lorein`` (both blocks; maps from PMR), ``pmr`` (PMR alone, SUMMIT-like), ``lrr`` (LRR alone
 then dictionary matching). Deterministic on CPU for a given seed.
 """
@@ -36,17 +44,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FitConfig:
-    iterations: int = 150
-    lr: float = 1e-2
+    iterations: int = 300
+    lr: float = 2e-2
     couple_weight: float = 1.0
     init_cg_iterations: int = 20
     init: str = "cg"          # linear estimate the maps start from: zerofill | cg
-    init_median: int = 0            # median filter (voxels) on the initial maps; 0 = off (a 3-voxel
-                                    # median turns thin cortex next to CSF into CSF-like outliers)
     patience: int = 40
     tol: float = 1e-4
     finest_fraction: float = 1.0     # finest hash-grid resolution as a fraction of the matrix
     tv_weight: float = 0.0           # total variation of log T1, log T2 (and B1) maps, per voxel
+    init_smooth: float = 2.0         # Gaussian sigma (voxels) on the initial maps; <0 = constant
+    b1_grid: int = 6                 # B1 from a coarse control grid of this many points per axis; 0 = network
+    b1_smooth: float = 4.0           # separate sigma for the initial B1 map (a smooth field); 0 = init_smooth
+    lrr_init: str = "maps"            # LRR start: cg (linear estimate) | maps (the PMR start's coefficients)
 
 
 def _p99(x: torch.Tensor) -> float:
@@ -63,9 +73,12 @@ def _logit(p):
 
 
 class PMR(torch.nn.Module):
-    """Parameter maps from a coordinate network, bounded, initialised at given maps."""
+    """Parameter maps from a coordinate network, bounded, initialised at given maps. B1, a smooth
+    transmit field, comes from a coarse trilinear control grid (``b1_grid`` points per axis) rather
+    than from the network when ``b1_grid`` > 0: the fine detail a network could give it is noise."""
 
-    def __init__(self, sub: SubspaceModel, init: dict, encodes_b1: bool, cfg: HashGridConfig, seed):
+    def __init__(self, sub: SubspaceModel, init: dict, encodes_b1: bool, cfg: HashGridConfig, seed,
+                 b1_grid: int = 0):
         super().__init__()
         self.sub = sub
         self.encodes_b1 = encodes_b1
@@ -82,10 +95,22 @@ class PMR(torch.nn.Module):
         self.keys = sorted(z)
         self.register_buffer("phase0", torch.angle(pd))
         self.net = CoordinateNet(len(self.keys) + 1, cfg, seed)
+        self.b1_grid = torch.nn.Parameter(torch.zeros(1, 1, b1_grid, b1_grid, b1_grid)) \
+            if ("b1" in z and b1_grid) else None
+        self.register_buffer("grid_coords", torch.zeros(0))
+
+    def set_coords(self, coords: torch.Tensor):
+        """Voxel coordinates in [0, 1]^3 (z, y, x) for the B1 control grid."""
+        self.grid_coords = (coords * 2 - 1).flip(-1).reshape(1, -1, 1, 1, 3)
 
     def forward(self):
         u = self.net()
         z = self.z0 + u[:, :-1]
+        if self.b1_grid is not None:
+            coarse = torch.nn.functional.grid_sample(self.b1_grid, self.grid_coords, mode="bilinear",
+                                                     padding_mode="border", align_corners=True)
+            z = torch.cat([z[:, :self.keys.index("b1")], (self.z0[:, self.keys.index("b1")]
+                           + coarse.reshape(-1))[:, None], z[:, self.keys.index("b1") + 1:]], 1)
         p = {k: torch.sigmoid(z[:, i]) for i, k in enumerate(self.keys)}
         t1 = torch.exp(self.lo["t1"] + (self.hi["t1"] - self.lo["t1"]) * p["t1"])
         t2 = torch.exp(self.lo["t2"] + (self.hi["t2"] - self.lo["t2"]) * p["t2"])
@@ -117,18 +142,31 @@ def _scatter(vox: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     return img
 
 
-def _median_init(init: dict, support: torch.Tensor, size: int) -> dict:
-    """Median-filter the initial T1, T2, B1 maps inside the support (dictionary matching of a
-    linear estimate gives isolated outliers at extreme T1/T2 that a gradient fit cannot leave)."""
-    from scipy.ndimage import median_filter
+def _smooth_init(init: dict, support: torch.Tensor, sigma: float) -> dict:
+    """Normalised Gaussian smoothing of log T1, log T2, B1 and complex PD inside the support
+    (sigma < 0: their support means)."""
+    from scipy.ndimage import gaussian_filter
     sup = support.cpu().numpy()
-    out = dict(init)
-    for key in ("t1", "t2", "b1"):
-        vol = np.full(sup.shape, np.nan, np.float32)
-        vol[sup] = init[key].cpu().numpy()
-        fill = np.nanmedian(vol)
-        filt = median_filter(np.where(sup, vol, fill), size=size, mode="nearest")
-        out[key] = torch.from_numpy(filt[sup]).to(init[key].device)
+    w = sup.astype(np.float64)
+    wf = gaussian_filter(w, sigma) if sigma > 0 else None
+    out = {}
+    for key, val in init.items():
+        v = val.detach().cpu().numpy().astype(np.complex128 if key == "pd" else np.float64)
+        if key in ("t1", "t2"):
+            v = np.log(v)
+        if sigma < 0:
+            sm = np.full(v.shape, v.mean())
+        else:
+            vol = np.zeros(sup.shape, v.dtype)
+            vol[sup] = v
+            if key == "pd":
+                f = gaussian_filter(vol.real, sigma) + 1j * gaussian_filter(vol.imag, sigma)
+            else:
+                f = gaussian_filter(vol, sigma)
+            sm = (f / np.maximum(wf, 1e-6))[sup]
+        if key in ("t1", "t2"):
+            sm = np.exp(sm)
+        out[key] = torch.from_numpy(sm).to(val.device, val.dtype)
     return out
 
 
@@ -180,8 +218,11 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
     x0 = x_lin[:, support].T.contiguous()                               # N, K
     init = sub.match(x0)
     init = {k: v.to(op.device) for k, v in init.items()}
-    if cfg.init_median:
-        init = _median_init(init, support, cfg.init_median)
+    if cfg.init_smooth:
+        b1 = init["b1"]
+        init = _smooth_init(init, support, cfg.init_smooth)
+        if cfg.b1_smooth:
+            init["b1"] = _smooth_init({"b1": b1}, support, cfg.b1_smooth)["b1"]
     finest = max(8, int(cfg.finest_fraction * max(support.shape)))
     # tables no larger than the voxels can use (at least 2**12, at most 2**19 entries per level)
     log2_table = int(min(19, max(12, math.ceil(math.log2(max(int(support.sum()), 2))) + 1)))
@@ -192,13 +233,19 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
 
     use_pmr = method in ("lorein", "pmr")
     use_lrr = method in ("lorein", "lrr")
-    pmr = PMR(sub, init, encodes_b1, grid, seed).to(op.device) if use_pmr else None
+    pmr = PMR(sub, init, encodes_b1, grid, seed, cfg.b1_grid).to(op.device) if use_pmr else None
+    if pmr is not None:
+        pmr.set_coords(coords)
+    if use_lrr and cfg.lrr_init == "maps":
+        with torch.no_grad():
+            b1 = init["b1"] if encodes_b1 else torch.ones_like(init["t1"])
+            x0 = init["pd"][:, None] * sub.coefficients(init["t1"], init["t2"], b1)
     lrr = LRR(x0, grid, seed + 1).to(op.device) if use_lrr else None
     params = []
     for m in (pmr, lrr):
         if m is not None:
             m.net.precompute(coords)
-            params += list(m.net.parameters())
+            params += list(m.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, iterations) / iterations)))

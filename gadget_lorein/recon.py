@@ -28,7 +28,7 @@ class ReconError(ValueError):
 class ReconSettings:
     """Every setting of the reconstruction, with its default (the gadget's chain properties and
     the CLI options use the same names)."""
-    method: str = "cg"            # one of METHODS (lorein does not yet beat cg on every map: see README)
+    method: str = "lorein"        # one of METHODS
     device: str = "auto"          # auto (cuda if available), cpu, cuda, cuda:1, ...
     rank: int = 0                 # subspace rank K; 0 = smallest K reaching `energy`
     energy: float = 0.999         # captured dictionary energy when rank = 0
@@ -203,7 +203,7 @@ def _reconstruct(scan: Scan, settings: ReconSettings, progress=None) -> ReconRes
             elif settings.method == "cg":
                 x = baselines.cg_recon(op, iters=it or 30)
             else:
-                x = baselines.llr_recon(op, iters=it or 40)
+                x = baselines.llr_recon(op, iters=it or 80)
             maps = match_maps(sub, x, support, proto.encodes_b1)
     sup = support.cpu().numpy()
     out = {k: v.detach().cpu().numpy() for k, v in maps.items()}

@@ -69,7 +69,7 @@ def fail_reported(connection):
         raise
 '''
 
-LOREIN_DEFAULTS = {"method": "cg", "device": "auto", "rank": "0", "energy": "0.999", "iterations": "0",
+LOREIN_DEFAULTS = {"method": "lorein", "device": "auto", "rank": "0", "energy": "0.999", "iterations": "0",
                    "coil_maps": "lowres", "virtual_coils": "0", "output": "maps", "images_2d": "false",
                    "protocol": "", "log_level": "INFO"}
 
