@@ -106,11 +106,11 @@ class PMR(torch.nn.Module):
     def forward(self):
         u = self.net()
         z = self.z0 + u[:, :-1]
-        if self.b1_grid is not None:
+        if self.b1_grid is not None:      # B1's column: smoothed start + coarse grid, not the network
+            i = self.keys.index("b1")
             coarse = torch.nn.functional.grid_sample(self.b1_grid, self.grid_coords, mode="bilinear",
                                                      padding_mode="border", align_corners=True)
-            z = torch.cat([z[:, :self.keys.index("b1")], (self.z0[:, self.keys.index("b1")]
-                           + coarse.reshape(-1))[:, None], z[:, self.keys.index("b1") + 1:]], 1)
+            z = torch.cat([z[:, :i], (self.z0[:, i] + coarse.reshape(-1))[:, None], z[:, i + 1:]], 1)
         p = {k: torch.sigmoid(z[:, i]) for i, k in enumerate(self.keys)}
         t1 = torch.exp(self.lo["t1"] + (self.hi["t1"] - self.lo["t1"]) * p["t1"])
         t2 = torch.exp(self.lo["t2"] + (self.hi["t2"] - self.lo["t2"]) * p["t2"])

@@ -64,6 +64,17 @@ class RawCase:
 _TRUTH_KEYS = {"t1": "T1", "t2": "T2", "pd": "PD", "b1": "B1", "labels": "labels"}
 
 
+def unknown_protocol(h, name: str = "qalas_v9") -> None:
+    """Edit an ismrmrd.xsd header so that it names a protocol that is not shipped (and carries no
+    protocol YAML)."""
+    ups = h.userParameters.userParameterString
+    ups[:] = [p for p in ups if p.name != "lorein.protocol_yaml"]
+    for p in ups:
+        if p.name == "lorein.protocol":
+            p.value = name
+    h.measurementInformation.protocolName = name
+
+
 def load_truth(path) -> dict:
     with np.load(path) as z:
         return {_TRUTH_KEYS.get(k.lower(), k): np.asarray(z[k]) for k in z.files}

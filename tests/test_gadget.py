@@ -26,7 +26,7 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from conftest import (REPO, stop_process, chain_copy, check_accuracy, check_images, converse, expected_geometry,
+from conftest import (REPO, stop_process, unknown_protocol, chain_copy, check_accuracy, check_images, converse, expected_geometry,
                       gadget_env, header_bytes_without_attr_len, meta, play, raw_items, read_chain, serve_command, wait_listening)
 from gadget_lorein import gadget, mrd, recon
 
@@ -270,15 +270,6 @@ def _radial(h):
     h.encoding[0].trajectory = ismrmrd.xsd.trajectoryType.RADIAL
 
 
-def _unknown_protocol(h):
-    ups = h.userParameters.userParameterString
-    ups[:] = [p for p in ups if p.name != "lorein.protocol_yaml"]
-    for p in ups:
-        if p.name == "lorein.protocol":
-            p.value = "qalas_v9"
-    h.measurementInformation.protocolName = "qalas_v9"
-
-
 def _edit_acq(n, fn):
     def items(acqs):
         for i, a in enumerate(acqs):
@@ -313,7 +304,7 @@ BAD = {
                                "MRDError: acquisition (scan_counter 61): kspace_encode_step_1 = 99 is outside"),
     "close_before_last": (None, _cut(150), "MRDError: the stream ended before ACQ_LAST_IN_MEASUREMENT"),
     "nan": (None, _edit_acq(80, _nan), "MRDError: acquisition (scan_counter 81) contains NaN"),
-    "unknown_protocol": (_unknown_protocol, None, "ReconError: unknown protocol 'qalas_v9'"),
+    "unknown_protocol": (unknown_protocol, None, "ReconError: unknown protocol 'qalas_v9'"),
     "bad_iterations": ("iterations=abc", None, "ReconError: setting iterations='abc' is not a valid int"),
     "bad_method": ("method=foo", None, "ReconError: unknown method 'foo'"),
 }

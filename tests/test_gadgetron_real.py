@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import (REPO, stop_process, THRESHOLDS, chain_copy, check_accuracy, check_images, gadget_env,
+from conftest import (REPO, stop_process, unknown_protocol, THRESHOLDS, chain_copy, check_accuracy, check_images, gadget_env,
                       header_bytes_without_attr_len, read_chain, serve_command, wait_listening)
 from gadget_lorein import gadget, mrd
 from gadget_lorein import replay as rp
@@ -225,12 +225,7 @@ def _unknown_protocol_copy(raw, path):
     shutil.copyfile(raw, path)
     with h5py.File(path, "r+") as f:
         h = ismrmrd.xsd.CreateFromDocument(f["dataset/xml"][0])
-        ups = h.userParameters.userParameterString
-        ups[:] = [p for p in ups if p.name != "lorein.protocol_yaml"]
-        for p in ups:
-            if p.name == "lorein.protocol":
-                p.value = "qalas_v9"
-        h.measurementInformation.protocolName = "qalas_v9"
+        unknown_protocol(h)
         f["dataset/xml"][0] = ismrmrd.xsd.ToXML(h, encoding="utf-8").encode("utf-8")
     return path
 
