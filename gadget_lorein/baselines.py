@@ -41,8 +41,7 @@ def cg_solve(op: SubspaceOperator, rhs: torch.Tensor, lam: float, iters: int, x0
 def zero_filled(op: SubspaceOperator) -> torch.Tensor:
     """A^H y scaled by the mean sampling density (the subspace projection of the zero-filled
     frames)."""
-    density = op.gram.diagonal(dim1=-2, dim2=-1).real.mean()
-    return op.adjoint_data() / density.clamp_min(1e-12)
+    return op.adjoint_data() / max(op.mean_density, 1e-12)
 
 
 def cg_recon(op: SubspaceOperator, iters: int = 30, lam_rel: float = 1e-3, progress=None):
@@ -77,10 +76,10 @@ def _llr_prox(x: torch.Tensor, thresh: float, block: int, shift) -> torch.Tensor
 
 def llr_recon(op: SubspaceOperator, iters: int = 80, lam_rel: float = 0.01, block: int = 6,
               seed: int = 0, progress=None):
-    """FISTA on ||A X - y||^2/2 + lam sum_blocks ||X_block||_* with random block shifts. The
-    per-step threshold is ``lam_rel`` x the 90th percentile of the blocks' leading singular values
-    in the zero-filled estimate, so it is independent of the data scale, the sampling density and
-    the number of frames."""
+    """FISTA on ||A X - y||^2/2 + lam sum_blocks ||X_block||_* with random block shifts. lam is
+    ``lam_rel`` x the 90th percentile of the blocks' leading singular values in the zero-filled
+    estimate x the mean sampling density (the scale of A^H A), so it is independent of the data
+    scale, the sampling density and the number of frames."""
     L = op.max_eig()
     rhs = op.adjoint_data()
     x = torch.zeros_like(rhs)
@@ -88,8 +87,7 @@ def llr_recon(op: SubspaceOperator, iters: int = 80, lam_rel: float = 0.01, bloc
     t = 1.0
     blocks = _blocks(zero_filled(op), block)
     s_ref = float(torch.linalg.svdvals(blocks)[:, 0].quantile(0.9))
-    density = float(op.gram.diagonal(dim1=-2, dim2=-1).real.mean())
-    thresh = lam_rel * s_ref * density / L       # lam / L, with lam commensurate with A^H A ~ density
+    thresh = lam_rel * s_ref * op.mean_density / L       # lam / L, with lam commensurate with A^H A ~ density
     g = torch.Generator().manual_seed(seed)
     for it in range(iters):
         grad = op.normal(z) - rhs

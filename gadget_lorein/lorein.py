@@ -72,6 +72,11 @@ def _logit(p):
     return torch.log(p) - torch.log1p(-p)
 
 
+def map_coefficients(sub: SubspaceModel, maps: dict) -> torch.Tensor:
+    """Subspace coefficients PD * U^H s(T1, T2, B1) of per-voxel maps (t1, t2, b1, pd): (N, K)."""
+    return maps["pd"][:, None] * sub.coefficients(maps["t1"], maps["t2"], maps["b1"])
+
+
 class PMR(torch.nn.Module):
     """Parameter maps from a coordinate network, bounded, initialised at given maps. B1, a smooth
     transmit field, comes from a coarse trilinear control grid (``b1_grid`` points per axis) rather
@@ -119,7 +124,7 @@ class PMR(torch.nn.Module):
         return dict(t1=t1, t2=t2, b1=b1, pd=pd)
 
     def coefficients(self, maps):
-        return maps["pd"][:, None] * self.sub.coefficients(maps["t1"], maps["t2"], maps["b1"])
+        return map_coefficients(self.sub, maps)
 
 
 class LRR(torch.nn.Module):
@@ -142,15 +147,15 @@ def _scatter(vox: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     return img
 
 
-def _smooth_init(init: dict, support: torch.Tensor, sigma: float) -> dict:
-    """Normalised Gaussian smoothing of log T1, log T2, B1 and complex PD inside the support
-    (sigma < 0: their support means)."""
+def _smooth_init(init: dict, support: torch.Tensor, sigmas: dict) -> dict:
+    """Normalised Gaussian smoothing of log T1, log T2, B1 and complex PD inside the support, each
+    with its own sigma (sigma < 0: the support mean)."""
     from scipy.ndimage import gaussian_filter
     sup = support.cpu().numpy()
     w = sup.astype(np.float64)
-    wf = gaussian_filter(w, sigma) if sigma > 0 else None
     out = {}
     for key, val in init.items():
+        sigma = sigmas[key]
         v = val.detach().cpu().numpy().astype(np.complex128 if key == "pd" else np.float64)
         if key in ("t1", "t2"):
             v = np.log(v)
@@ -163,7 +168,7 @@ def _smooth_init(init: dict, support: torch.Tensor, sigma: float) -> dict:
                 f = gaussian_filter(vol.real, sigma) + 1j * gaussian_filter(vol.imag, sigma)
             else:
                 f = gaussian_filter(vol, sigma)
-            sm = (f / np.maximum(wf, 1e-6))[sup]
+            sm = (f / np.maximum(gaussian_filter(w, sigma), 1e-6))[sup]
         if key in ("t1", "t2"):
             sm = np.exp(sm)
         out[key] = torch.from_numpy(sm).to(val.device, val.dtype)
@@ -219,16 +224,15 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
     init = sub.match(x0)
     init = {k: v.to(op.device) for k, v in init.items()}
     if cfg.init_smooth:
-        b1 = init["b1"]
-        init = _smooth_init(init, support, cfg.init_smooth)
-        if cfg.b1_smooth:
-            init["b1"] = _smooth_init({"b1": b1}, support, cfg.b1_smooth)["b1"]
+        sigmas = {k: cfg.init_smooth for k in init}
+        sigmas["b1"] = cfg.b1_smooth or cfg.init_smooth
+        init = _smooth_init(init, support, sigmas)
     finest = max(8, int(cfg.finest_fraction * max(support.shape)))
     # tables no larger than the voxels can use (at least 2**12, at most 2**19 entries per level)
     log2_table = int(min(19, max(12, math.ceil(math.log2(max(int(support.sum()), 2))) + 1)))
     grid = HashGridConfig(finest_resolution=finest, log2_table=log2_table)
     coords = support_coords(support)
-    density = float(op.gram.diagonal(dim1=-2, dim2=-1).real.mean())
+    density = op.mean_density
     y2 = max(op.y_norm2, 1e-30)
 
     use_pmr = method in ("lorein", "pmr")
@@ -238,8 +242,7 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
         pmr.set_coords(coords)
     if use_lrr and cfg.lrr_init == "maps":
         with torch.no_grad():
-            b1 = init["b1"] if encodes_b1 else torch.ones_like(init["t1"])
-            x0 = init["pd"][:, None] * sub.coefficients(init["t1"], init["t2"], b1)
+            x0 = map_coefficients(sub, init)
     lrr = LRR(x0, grid, seed + 1).to(op.device) if use_lrr else None
     params = []
     for m in (pmr, lrr):

@@ -37,6 +37,9 @@ class SubspaceOperator:
         q = torch.zeros(nz * ny, K * K, dtype=torch.complex64, device=dev)
         q.index_add_(0, loc, outer)
         self.gram = q.reshape(nz, ny, K, K)
+        # mean of A^H A's diagonal: the scale of the normal operator (zero-filled scaling, the LLR
+        # threshold, the LoREIN coupling weight)
+        self.mean_density = float(self.gram.diagonal(dim1=-2, dim2=-1).real.mean())
         # B = A^H y in coefficient k-space, built in chunks of lines
         b = torch.zeros(nz * ny, K, C, nx, dtype=torch.complex64, device=dev)
         y_norm2 = 0.0
