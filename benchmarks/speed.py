@@ -251,7 +251,8 @@ def node_section(args, dev, tmp: Path) -> tuple[str, dict]:
     raw_path = tmp / "raw.h5"
     t_write = write_scan(sim, proto, raw_path)
     truth = sim.truth()
-    settings = dict(method=args.method, device=args.device, iterations=args.iterations)
+    settings = dict(method=args.method, device=args.device, iterations=args.iterations,
+                    coil_batch=args.coil_batch)
     print(f"simulated in {t_sim:.1f} s, raw file written in {t_write:.1f} s "
           f"({raw_path.stat().st_size / 2**20:.1f} MiB); running the node path ...", file=sys.stderr,
           flush=True)
@@ -352,7 +353,7 @@ def ceilings(dev: torch.device) -> dict:
 def floors_section(args, dev, ctx: dict, ceil: dict) -> str:
     sim, proto = ctx["sim"], ctx["proto"]
     g = torch.Generator(device="cpu").manual_seed(0)
-    rs = recon.ReconSettings(method=args.method, device=args.device)
+    rs = recon.ReconSettings(method=args.method, device=args.device, coil_batch=args.coil_batch)
     _, sub, op, support, _ = recon.prepare(sim.scan, rs)
     K, C = op.K, op.maps.shape[0]
     shape = op.shape
@@ -599,6 +600,8 @@ def main(argv=None):
     ap.add_argument("--no-converged", action="store_true", help="skip the 5x-iterations run")
     ap.add_argument("--no-floors", action="store_true", help="skip the floor measurements")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    ap.add_argument("--coil-batch", type=int, default=0,
+                    help="coils per FFT batch in the operator (0 = all; smaller = less memory)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     ap.add_argument("--in-process", action="store_true",
                     help="run the node path in this process (peak RSS then includes the simulation)")

@@ -62,6 +62,9 @@ Settings
                                     (windowed low-resolution images) or espirit (needs a
                                     calibration region of at least 6 x 6 (kz x ky) lines)
     virtual_coils      0            compress to this many virtual coils; 0 = no compression
+    coil_batch         0            coils per FFT batch in the fit (0 = all); smaller needs less
+                                    GPU memory (halved automatically when the GPU runs out, then
+                                    the CPU)
     protocol           (empty)      sequence protocol: empty = the one in the data
                                     (userParameter lorein.protocol_yaml, else lorein.protocol /
                                     protocolName), else a shipped name (qalas, mrf) or a YAML path
@@ -169,6 +172,7 @@ def parse_settings(values: dict | None) -> tuple[recon.ReconSettings, GadgetSett
         ("energy", 0.0 < rs.energy <= 1.0, "must be in (0, 1]"),
         ("iterations", rs.iterations >= 0, "must be >= 0 (0 = the method's default)"),
         ("virtual_coils", rs.virtual_coils >= 0, "must be >= 0 (0 = no compression)"),
+        ("coil_batch", rs.coil_batch >= 0, "must be >= 0 (0 = all coils at once)"),
         ("support_threshold", 0.0 <= rs.support_threshold < 1.0, "must be in [0, 1)"),
         ("coil_maps", rs.coil_maps in COIL_MAPS, f"must be one of {', '.join(COIL_MAPS)}"),
     )

@@ -6,6 +6,12 @@ applied to the measured lines once: B = A^H y lives in coefficient k-space (coil
 the per-location Gram Q[kz, ky] = sum over the frames sampled there of conj(U_t)^T U_t (K x K) makes
 A^H A X = sum_c conj(S_c) F^H(Q F(S_c X)). Neither is ever materialised per frame, so 500 frames
 cost the same per iteration as 5. ||A X - y||^2 = <FSX, Q FSX> - 2 Re<FSX, B> + ||y||^2.
+
+Coils are processed ``coil_batch`` at a time (0 = all at once): the only tensors of coil size are
+one batch's coefficient k-space, so a smaller batch trades a little speed for memory (the
+reconstruction halves it when the GPU runs out of memory, see recon.reconstruct). The data term's
+gradient is computed in closed form, 2 (A^H A X - A^H y), in the same pass as its value, so autograd
+keeps no per-coil intermediates at all.
 """
 from __future__ import annotations
 
@@ -18,9 +24,10 @@ from .fft import fftnc, ifftnc
 
 class SubspaceOperator:
     def __init__(self, lines: KSpaceLines, basis: torch.Tensor, maps: torch.Tensor,
-                 device="cpu"):
+                 device="cpu", coil_batch: int = 0):
         dev = torch.device(device)
         self.device = dev
+        self.coil_batch = int(coil_batch)
         self.basis = basis.to(dev, torch.complex64)                  # T, K
         self.maps = maps.to(dev, torch.complex64)                    # C, nz, ny, nx
         K = self.basis.shape[1]
@@ -51,28 +58,48 @@ class SubspaceOperator:
         self.y_norm2 = y_norm2
         self.n_lines = len(lines.frame)
 
+    def _batches(self):
+        c = self.maps.shape[0]
+        step = self.coil_batch if 0 < self.coil_batch < c else c
+        return [slice(i, i + step) for i in range(0, c, step)]
+
     # coefficient images <-> coefficient k-space
-    def coil_kspace(self, x: torch.Tensor) -> torch.Tensor:
-        """F(S_c X_k): (C, K, nz, ny, nx) from X (K, nz, ny, nx)."""
-        return fftnc(self.maps[:, None] * x[None])
+    def coil_kspace(self, x: torch.Tensor, coils: slice = slice(None)) -> torch.Tensor:
+        """F(S_c X_k): (C, K, nz, ny, nx) from X (K, nz, ny, nx) (the coils asked)."""
+        return fftnc(self.maps[coils, None] * x[None])
 
     def apply_gram(self, k: torch.Tensor) -> torch.Tensor:
         """Q applied over K at every (kz, ky): k is (C, K, nz, ny, nx)."""
         return torch.einsum("zyij,cjzyx->cizyx", self.gram, k)
 
     def normal(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.apply_gram(self.coil_kspace(x))
-        return (self.maps.conj()[:, None] * ifftnc(k)).sum(0)
+        out = torch.zeros_like(x)
+        for c in self._batches():
+            k = self.apply_gram(self.coil_kspace(x, c))
+            out += (self.maps[c].conj()[:, None] * ifftnc(k)).sum(0)
+        return out
 
     def adjoint_data(self) -> torch.Tensor:
         """A^H y as coefficient images (K, nz, ny, nx)."""
         return (self.maps.conj()[:, None] * ifftnc(self.b)).sum(0)
 
+    def loss_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """||A X - y||^2 and its gradient 2 (A^H A X - A^H y) (torch's convention for a real
+        function of complex X), one coil batch at a time; no autograd."""
+        with torch.no_grad():
+            loss = torch.zeros((), device=x.device)
+            grad = torch.zeros_like(x)
+            for c in self._batches():
+                k = self.coil_kspace(x, c)
+                r = self.apply_gram(k) - self.b[c]              # Q F S X - B
+                # <k, Qk> - 2 Re<k, B> = Re<k, Qk - B> - Re<k, B>
+                loss += (k.conj() * r).real.sum() - (k.conj() * self.b[c]).real.sum()
+                grad += 2 * (self.maps[c].conj()[:, None] * ifftnc(r)).sum(0)
+            return loss + self.y_norm2, grad
+
     def data_loss(self, x: torch.Tensor) -> torch.Tensor:
-        """||A X - y||^2 (differentiable in X)."""
-        k = self.coil_kspace(x)
-        qk = self.apply_gram(k)
-        return ((k.conj() * qk).real.sum() - 2 * (k.conj() * self.b).real.sum() + self.y_norm2)
+        """||A X - y||^2, differentiable in X (gradient in closed form, see loss_and_grad)."""
+        return _DataLoss.apply(x, self)
 
     def max_eig(self, iters: int = 20, seed: int = 0) -> float:
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -83,3 +110,16 @@ class SubspaceOperator:
             lam = float(y.norm())
             x = y / lam
         return lam
+
+
+class _DataLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, op):
+        loss, grad = op.loss_and_grad(x.detach())
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return g * grad, None

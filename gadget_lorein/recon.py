@@ -35,6 +35,7 @@ class ReconSettings:
     iterations: int = 0           # iterations of the method; 0 = the method's default
     coil_maps: str = "lowres"     # lowres | espirit
     virtual_coils: int = 0        # coil compression to this many virtual coils; 0 = off
+    coil_batch: int = 0           # coils per FFT batch in the operator; 0 = all (halved on GPU OOM)
     protocol: str = ""            # override the protocol named in the data (name or YAML path)
     seed: int = 0                 # network initialisation and stochastic choices
     support_threshold: float = 0.08   # object support: low-res image above this x its 99th pct
@@ -145,7 +146,8 @@ def prepare(scan: Scan, settings: ReconSettings, timings: dict | None = None):
         low = np.sqrt((np.abs(ifftnc(torch.from_numpy(calib)).numpy()) ** 2).sum(0))
         support = low > settings.support_threshold * np.percentile(low, 99)
     with stage("operator"):
-        op = SubspaceOperator(lines, sub.basis, torch.from_numpy(maps), device=dev)
+        op = SubspaceOperator(lines, sub.basis, torch.from_numpy(maps), device=dev,
+                              coil_batch=settings.coil_batch)
     info = dict(protocol=proto.name, rank=sub.rank, energy=sub.energy, device=str(dev),
                 coils=lines.n_coils, frames=lines.n_frames, lines=len(lines.frame),
                 acceleration=lines.acceleration(), settings=asdict(settings))
@@ -167,21 +169,36 @@ def match_maps(sub: SubspaceModel, x: torch.Tensor, support: torch.Tensor, encod
 
 
 def reconstruct(scan: Scan, settings: ReconSettings | None = None, progress=None) -> ReconResult:
-    """Maps from one scan. When the GPU runs out of memory the whole reconstruction is repeated
-    on the CPU, with a warning in the log, instead of failing."""
+    """Maps from one scan. When the GPU runs out of memory the reconstruction degrades instead of
+    failing, with a warning in the log at each step: it is repeated with half as many coils per
+    FFT batch (the operator's coil-sized tensors shrink in proportion) down to one coil at a time,
+    and only then on the CPU."""
+    from dataclasses import replace
     settings = settings or ReconSettings()
-    try:
-        return _reconstruct(scan, settings, progress)
-    except torch.cuda.OutOfMemoryError as err:
-        if resolve_device(settings.device).type != "cuda":
-            raise
-        log.warning("recon: out of GPU memory (%s); falling back to the CPU, which is much slower",
-                    str(err).splitlines()[0])
-        torch.cuda.empty_cache()
-        from dataclasses import replace
-        result = _reconstruct(scan, replace(settings, device="cpu"), progress)
-        result.info["fallback"] = "cpu after CUDA out of memory"
-        return result
+    steps = []
+    while True:
+        try:
+            result = _reconstruct(scan, settings, progress)
+            if steps:
+                result.info["fallback"] = "; ".join(steps)
+            return result
+        except torch.cuda.OutOfMemoryError as err:
+            if resolve_device(settings.device).type != "cuda":
+                raise
+            why = str(err).splitlines()[0]
+            torch.cuda.empty_cache()
+            coils = settings.virtual_coils or scan.lines.n_coils
+            batch = settings.coil_batch if 0 < settings.coil_batch < coils else coils
+            if batch > 1:
+                settings = replace(settings, coil_batch=batch // 2)
+                steps.append(f"coil_batch {batch // 2} after CUDA out of memory")
+                log.warning("recon: out of GPU memory (%s); retrying with %d coils per batch "
+                            "instead of %d", why, batch // 2, batch)
+                continue
+            log.warning("recon: out of GPU memory (%s) even one coil at a time; falling back to "
+                        "the CPU, which is much slower", why)
+            settings = replace(settings, device="cpu", coil_batch=0)
+            steps.append("cpu after CUDA out of memory")
 
 
 def _reconstruct(scan: Scan, settings: ReconSettings, progress=None) -> ReconResult:

@@ -23,20 +23,38 @@ def test_settings_empty_value_means_default_and_bad_values_are_named():
         recon.ReconSettings.from_mapping({"method": "foo"})
 
 
-def test_out_of_gpu_memory_falls_back_to_cpu(tiny, caplog):
-    orig = recon._reconstruct
+def test_out_of_gpu_memory_halves_the_coil_batch_before_the_cpu(tiny, caplog):
+    """4 coils: batches of 2, then 1, then the CPU; a batch that fits ends the descent there."""
+    from dataclasses import replace
+    orig, tried = recon._reconstruct, []
 
-    def fake(scan, settings, progress=None):
-        if settings.device != "cpu":
+    def fake(scan, settings, progress=None, fits_at=None):
+        tried.append((settings.device, settings.coil_batch))
+        if settings.device != "cpu" and settings.coil_batch != fits_at:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 40 GiB")
-        return orig(scan, settings, progress)
+        return orig(scan, replace(settings, device="cpu"), progress)
 
-    with mock.patch.object(recon, "_reconstruct", fake), \
-            mock.patch.object(recon, "resolve_device",
-                              lambda n: torch.device("cpu" if n == "cpu" else "cuda")):
-        res = recon.reconstruct(tiny.scan, recon.ReconSettings(method="cg", device="cuda"))
-    assert res.info["fallback"].startswith("cpu")
-    assert "falling back to the CPU" in caplog.text
+    with mock.patch.object(recon, "resolve_device",
+                           lambda n: torch.device("cpu" if n == "cpu" else "cuda")):
+        with mock.patch.object(recon, "_reconstruct", fake):
+            res = recon.reconstruct(tiny.scan, recon.ReconSettings(method="cg", device="cuda"))
+        assert tried == [("cuda", 0), ("cuda", 2), ("cuda", 1), ("cpu", 0)]
+        assert res.info["fallback"].endswith("cpu after CUDA out of memory")
+        assert "retrying with 2 coils per batch instead of 4" in caplog.text
+        assert "even one coil at a time; falling back to the CPU" in caplog.text
+        tried.clear()
+        with mock.patch.object(recon, "_reconstruct", lambda s, st, p=None: fake(s, st, p, fits_at=2)):
+            res = recon.reconstruct(tiny.scan, recon.ReconSettings(method="cg", device="cuda"))
+        assert tried == [("cuda", 0), ("cuda", 2)]
+        assert res.info["fallback"] == "coil_batch 2 after CUDA out of memory"
+
+
+def test_coil_batches_give_the_same_fit(tiny):
+    """The operator's coil batching changes memory, not results (closed-form gradient included)."""
+    a = recon.reconstruct(tiny.scan, recon.ReconSettings(method="lorein", iterations=5))
+    b = recon.reconstruct(tiny.scan, recon.ReconSettings(method="lorein", iterations=5, coil_batch=1))
+    for k in a.maps:
+        np.testing.assert_allclose(a.maps[k], b.maps[k], rtol=1e-3, atol=1e-3 * np.abs(a.maps[k]).max())
 
 
 def test_nan_in_data_is_refused(tiny):
