@@ -189,6 +189,14 @@ def _tv(maps: dict, support: torch.Tensor) -> torch.Tensor:
     return total / support.sum()
 
 
+def grid_config(support: torch.Tensor, cfg: FitConfig) -> HashGridConfig:
+    """Hash grid of both networks: finest level at ``finest_fraction`` of the matrix; tables no
+    larger than the voxels can use (at least 2**12, at most 2**19 entries per level)."""
+    finest = max(8, int(cfg.finest_fraction * max(support.shape)))
+    log2_table = int(min(19, max(12, math.ceil(math.log2(max(int(support.sum()), 2))) + 1)))
+    return HashGridConfig(finest_resolution=finest, log2_table=log2_table)
+
+
 def support_coords(support: torch.Tensor) -> torch.Tensor:
     """Voxel centres of the support in [0, 1]^3 (z, y, x order), isotropic over the largest axis."""
     idx = torch.nonzero(support).float()
@@ -227,10 +235,7 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
         sigmas = {k: cfg.init_smooth for k in init}
         sigmas["b1"] = cfg.b1_smooth or cfg.init_smooth
         init = _smooth_init(init, support, sigmas)
-    finest = max(8, int(cfg.finest_fraction * max(support.shape)))
-    # tables no larger than the voxels can use (at least 2**12, at most 2**19 entries per level)
-    log2_table = int(min(19, max(12, math.ceil(math.log2(max(int(support.sum()), 2))) + 1)))
-    grid = HashGridConfig(finest_resolution=finest, log2_table=log2_table)
+    grid = grid_config(support, cfg)
     coords = support_coords(support)
     density = op.mean_density
     y2 = max(op.y_norm2, 1e-30)
