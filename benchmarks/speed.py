@@ -418,8 +418,8 @@ def floors_section(args, dev, ctx: dict, ceil: dict) -> str:
         "GB/s")
     t_enc = bench(enc_fb, dev)
     by2 = 2 * by + 2 * reachable * Fd * 4                        # + table gradient (zero + write)
-    row(f"hash-grid encoding fwd+bwd ({reachable} reachable of {L * T} table entries)", t_enc, f"{by2 / 1e6:.0f} MB", by2 / t_enc / 1e9,
-        bw_peak, "GB/s")
+    row(f"hash-grid encoding fwd+bwd ({reachable} reachable of {L * T} table entries)", t_enc,
+        f"{by2 / 1e6:.0f} MB", by2 / t_enc / 1e9, bw_peak, "GB/s")
     del enc
     # both coordinate networks and Adam, as in the fit
     out_pmr = 3 + int(proto.encodes_b1 and sub.b1[-1] > sub.b1[0]) + 1     # as lorein.PMR
@@ -440,7 +440,8 @@ def floors_section(args, dev, ctx: dict, ceil: dict) -> str:
     nets_fb()
     t_adam = bench(opt.step, dev)
     by = n_params * 4 * 7                                          # p, grad, m, v read; p, m, v written
-    row(f"Adam step ({n_params / 1e6:.2f} M parameters: reachable hash entries + MLPs)", t_adam, f"{by / 1e6:.0f} MB", by / t_adam / 1e9, bw_peak, "GB/s")
+    row(f"Adam step ({n_params / 1e6:.2f} M parameters: reachable hash entries + MLPs)", t_adam,
+        f"{by / 1e6:.0f} MB", by / t_adam / 1e9, bw_peak, "GB/s")
     del nets, opt, params
     # signal-table lookup and the full signal model
     t1 = torch.exp(torch.empty(N, device=dev).uniform_(math.log(300), math.log(3000))).requires_grad_(True)

@@ -3,9 +3,10 @@ coordinate networks built on it.
 
 The reconstruction always evaluates the networks on the same voxel centres, so the corner indices and
 trilinear weights of every level are computed once (``HashGridEncoding.precompute``) and each step is
-a weighted gather (``embedding_bag``) and, backwards, an index-add. ``precompute`` also keeps only the table entries those voxels reach (a
-few % of a level's entries on small volumes): the others never receive a gradient, so dropping them
-changes no result but saves the optimiser's and the gradient's work on them.
+a weighted gather (``embedding_bag``) and, backwards, an index-add. ``precompute`` also keeps only
+the table entries those voxels reach (a few % of a level's entries on small volumes): the others
+never receive a gradient, so dropping them changes no result but saves the optimiser's and the
+gradient's work on them.
 """
 from __future__ import annotations
 

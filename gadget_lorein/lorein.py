@@ -160,6 +160,7 @@ def _smooth_init(init: dict, support: torch.Tensor, sigmas: dict) -> dict:
     from scipy.ndimage import gaussian_filter
     sup = support.cpu().numpy()
     w = sup.astype(np.float64)
+    norms = {}                    # smoothed support, once per sigma
     out = {}
     for key, val in init.items():
         sigma = sigmas[key]
@@ -175,7 +176,9 @@ def _smooth_init(init: dict, support: torch.Tensor, sigmas: dict) -> dict:
                 f = gaussian_filter(vol.real, sigma) + 1j * gaussian_filter(vol.imag, sigma)
             else:
                 f = gaussian_filter(vol, sigma)
-            sm = (f / np.maximum(gaussian_filter(w, sigma), 1e-6))[sup]
+            if sigma not in norms:
+                norms[sigma] = np.maximum(gaussian_filter(w, sigma), 1e-6)
+            sm = (f / norms[sigma])[sup]
         if key in ("t1", "t2"):
             sm = np.exp(sm)
         out[key] = torch.from_numpy(sm).to(val.device, val.dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -173,7 +173,6 @@ def reconstruct(scan: Scan, settings: ReconSettings | None = None, progress=None
     failing, with a warning in the log at each step: it is repeated with half as many coils per
     FFT batch (the operator's coil-sized tensors shrink in proportion) down to one coil at a time,
     and only then on the CPU."""
-    from dataclasses import replace
     settings = settings or ReconSettings()
     steps = []
     while True:

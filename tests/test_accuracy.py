@@ -8,9 +8,10 @@ Measured on 2 CPU cores (torch 2.13.0, seed 0), brain NRMSE T1 / T2 / PD:
 LoREIN is far below every linear baseline and LRR alone. Against PMR alone (SUMMIT-like) this
 small case cannot decide: LoREIN is lower on T2 and 1-5 % higher on T1 and PD, while seeds of the
 same fit differ by more than that at this size (PMR brain T1 0.247 / 0.272 / 0.264 for seeds 0 / 1 /
-2 on the 8-coil variant), and so does the same fit on one thread instead of two. Issue #4's "lower than every baseline" therefore does not hold for PMR in
-this test; the comparison is reported in the message and checked as "within 10 %". At the
-benchmark's 64 x 64 x 48 (qalas R = 8) LoREIN is below PMR on all three (see README, Benchmarks).
+2 on the 8-coil variant), and so does the same fit on one thread instead of two. Issue #4's "lower
+than every baseline" therefore does not hold for PMR in this test; the comparison is reported in the
+message and checked as "within 10 %". At the benchmark's 64 x 64 x 48 it does not hold everywhere
+either (qalas R = 8, seed 0: LoREIN lower T2, equal PD, higher T1; see README, Benchmarks).
 """
 from __future__ import annotations
 
