@@ -3,12 +3,20 @@ wall time and peak memory, on the simulated head phantom. Prints a Markdown tabl
 
     python benchmarks/accuracy.py                      # the issue's case: 64x64x48, 8 coils
     python benchmarks/accuracy.py --matrix 24 24 16 --qalas-accel 4 8 --mrf-accel   # quick
+    python benchmarks/accuracy.py --seeds 4            # network methods: mean +- sd over 4 seeds
+
+The network methods (lrr, pmr, lorein) start from random network weights; a single fit's NRMSE moves
+by a few hundredths with the seed (benchmarks/RESULTS.md), which is as large as the differences
+between them. ``--seeds N`` fits each of them with seeds 0..N-1 on the same simulated scan and
+prints the mean and the sample standard deviation; the linear methods are deterministic and run once.
 """
 from __future__ import annotations
 
 import argparse
 import platform
 import resource
+import statistics
+import sys
 import time
 
 import torch
@@ -16,6 +24,14 @@ import torch
 from gadget_lorein import metrics, protocol, recon, simulate
 
 METHODS = ["zerofill", "cg", "llr", "lrr", "pmr", "lorein"]
+SEEDED = ("lrr", "pmr", "lorein")
+
+
+def summarise(values: list[float]) -> str:
+    """'0.123' for one value, '0.123 +- 0.004' (mean, sample sd) for several."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
 
 
 def peak_rss_mb() -> float:
@@ -33,11 +49,16 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="*", default=METHODS)
     ap.add_argument("--iterations", type=int, default=0)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="fit the network methods with this many seeds; mean +- sd (default 1)")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error("--seeds must be at least 1")
     dev = recon.resolve_device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     print(f"# accuracy: matrix {args.matrix}, {args.coils} coils, noise {args.noise}, device {dev} "
-          f"({name}), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+          f"({name}), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+          + (f"; {', '.join(SEEDED)}: mean +- sd over seeds 0-{args.seeds - 1}" if args.seeds > 1 else ""))
     print("| sequence | R | method | T1 brain | T2 brain | PD brain | B1 brain | T1 tissue | T2 tissue "
           "| PD tissue | wall s | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -50,19 +71,26 @@ def main(argv=None):
                                 noise=args.noise, seed=0)
         truth = sim.truth()
         for method in args.methods:
-            t0 = time.perf_counter()
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            res = recon.reconstruct(sim.scan, recon.ReconSettings(method=method, device=args.device,
-                                                                  iterations=args.iterations))
-            wall = time.perf_counter() - t0
-            eb = metrics.map_errors(res.maps, truth)
-            et = metrics.map_errors(res.maps, truth, "tissue")
-            mem = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else peak_rss_mb())
-            f = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
-            print(f"| {seq} | {R:g} | {method} | {f(eb,'T1')} | {f(eb,'T2')} | {f(eb,'PD')} | {f(eb,'B1')} "
-                  f"| {f(et,'T1')} | {f(et,'T2')} | {f(et,'PD')} | {wall:.1f} | {mem:.0f} |", flush=True)
-
+            runs = []
+            for seed in range(args.seeds if method in SEEDED else 1):
+                t0 = time.perf_counter()
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                res = recon.reconstruct(sim.scan, recon.ReconSettings(
+                    method=method, device=args.device, iterations=args.iterations, seed=seed))
+                wall = time.perf_counter() - t0
+                mem = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
+                       else peak_rss_mb())
+                runs.append((metrics.map_errors(res.maps, truth),
+                             metrics.map_errors(res.maps, truth, "tissue"), wall, mem))
+                print(f"{seq} R={R:g} {method} seed {seed}: brain "
+                      + " ".join(f"{k} {v:.3f}" for k, v in runs[-1][0].items())
+                      + f" ({wall:.0f} s)", file=sys.stderr, flush=True)
+            f = lambda i, k: summarise([r[i][k] for r in runs]) if k in runs[0][i] else "-"  # noqa: E731
+            wall = statistics.mean(r[2] for r in runs)
+            mem = max(r[3] for r in runs)
+            print(f"| {seq} | {R:g} | {method} | {f(0,'T1')} | {f(0,'T2')} | {f(0,'PD')} | {f(0,'B1')} "
+                  f"| {f(1,'T1')} | {f(1,'T2')} | {f(1,'PD')} | {wall:.1f} | {mem:.0f} |", flush=True)
 
 if __name__ == "__main__":
     main()

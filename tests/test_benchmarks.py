@@ -1,0 +1,45 @@
+"""Smoke tests of the benchmark scripts: they run end to end on a tiny case and print their tables.
+(The figures themselves live in benchmarks/RESULTS.md; nothing here is timed.)"""
+from __future__ import annotations
+
+import importlib.util
+import re
+
+from conftest import REPO
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_accuracy_table_with_seeds(capsys):
+    acc = load("accuracy")
+    acc.main(["--matrix", "12", "12", "8", "--qalas-accel", "8", "--mrf-accel",
+              "--methods", "cg", "pmr", "--iterations", "4", "--seeds", "2"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| qalas")]
+    assert len(rows) == 2, out
+    cg, pmr = rows
+    assert "+-" not in cg, "the deterministic linear method runs once"
+    # pmr: T1, T2, PD (brain) and T1, T2, PD (tissue) as mean +- sd over the two seeds
+    assert len(re.findall(r"\d\.\d{3} \+- \d\.\d{3}", pmr)) == 6, pmr
+    assert "mean +- sd over seeds 0-1" in out
+
+
+def test_accuracy_rejects_zero_seeds(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        load("accuracy").main(["--seeds", "0"])
+    assert "--seeds must be at least 1" in capsys.readouterr().err
+
+
+def test_speed_node_path_table(capsys):
+    speed = load("speed")
+    speed.main(["--matrix", "16", "16", "12", "--coils", "4", "--iterations", "3", "--no-converged",
+                "--no-floors", "--in-process"])
+    out = capsys.readouterr().out
+    for stage in ("buffering", "coil maps", "subspace", "fit", "output"):
+        assert stage in out, out
