@@ -92,5 +92,6 @@ def main(argv=None):
             print(f"| {seq} | {R:g} | {method} | {f(0,'T1')} | {f(0,'T2')} | {f(0,'PD')} | {f(0,'B1')} "
                   f"| {f(1,'T1')} | {f(1,'T2')} | {f(1,'PD')} | {wall:.1f} | {mem:.0f} |", flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import re
 
+import pytest
 from conftest import REPO
 
 
@@ -30,7 +31,6 @@ def test_accuracy_table_with_seeds(capsys):
 
 
 def test_accuracy_rejects_zero_seeds(capsys):
-    import pytest
     with pytest.raises(SystemExit):
         load("accuracy").main(["--seeds", "0"])
     assert "--seeds must be at least 1" in capsys.readouterr().err
