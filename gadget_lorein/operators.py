@@ -10,9 +10,8 @@ cost the same per iteration as 5. ||A X - y||^2 = <FSX, Q FSX> - 2 Re<FSX, B> + 
 Coils are processed ``coil_batch`` at a time (0 = all at once): apart from B, which is kept whole,
 the coil-sized tensors of an iteration are one batch's coefficient k-space, so a smaller batch trades
 a little speed for memory (the reconstruction halves it when the GPU runs out of memory, see
-recon.reconstruct). The data term's
-gradient is computed in closed form, 2 (A^H A X - A^H y), in the same pass as its value, so autograd
-keeps no per-coil intermediates at all.
+recon.reconstruct). The data term's gradient is computed in closed form, 2 (A^H A X - A^H y), in the
+same pass as its value, so autograd keeps no per-coil intermediates at all.
 """
 from __future__ import annotations
 

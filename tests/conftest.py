@@ -15,6 +15,7 @@ passed-on items, ERROR messages) until the gadget's CLOSE.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import struct
@@ -35,6 +36,14 @@ from gadget_lorein import metrics, mrd
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "test_data"
 CONFIG_TEXT_ID, HEADER_ID, CLOSE_ID, ERROR_ID = 2, 3, 4, 8
+
+def load_script(path: Path):
+    """A repository script that is not in the package (test_data/, benchmarks/) as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 QALAS_SPEC = dict(matrix=(24, 24, 16), n_coils=6, accel=8, noise=0.005, seed=0, calib_mode="union")
 MRF_SPEC = dict(matrix=(24, 24, 16), n_coils=6, accel=100, noise=0.005, seed=0, calib_mode="union")

@@ -2,18 +2,14 @@
 (The figures themselves live in benchmarks/RESULTS.md; nothing here is timed.)"""
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import pytest
-from conftest import REPO
+from conftest import REPO, load_script
 
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(REPO / "benchmarks" / f"{name}.py")
 
 
 def test_accuracy_table_with_seeds(capsys):

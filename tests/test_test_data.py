@@ -3,25 +3,16 @@ test_data/make_test_data.py, and read as what they claim to be."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from pathlib import Path
 
 import h5py
 import ismrmrd.xsd
 import numpy as np
 import pytest
-
-TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
-
-
-def _generator():
-    spec = importlib.util.spec_from_file_location("make_test_data", TEST_DATA / "make_test_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import TEST_DATA, load_script
 
 
-gen = _generator()
+gen = load_script(TEST_DATA / "make_test_data.py")
 
 
 def sha(path) -> str:
