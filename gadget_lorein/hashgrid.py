@@ -2,15 +2,22 @@
 coordinate networks built on it.
 
 The reconstruction always evaluates the networks on the same voxel centres, so the corner indices and
-trilinear weights of every level are computed once (``HashGridEncoding.precompute``) and each step is
-a weighted gather (``embedding_bag``) and, backwards, an index-add. ``precompute`` also keeps only
-the table entries those voxels reach (a few % of a level's entries on small volumes): the others
-never receive a gradient, so dropping them changes no result but saves the optimiser's and the
-gradient's work on them.
+trilinear weights of every level are computed once (``HashGridEncoding.precompute``) and stored as a
+sparse matrix S (points x levels rows, table-entry columns, 8 weights per row) in CSR form, with its
+transpose: each step is then one sparse-dense product S @ table forwards and S^T @ grad backwards.
+Both are row-wise sums in a fixed order (deterministic, no atomics) and use cuSPARSE / MKL. Measured
+against the previous weighted gather (``embedding_bag``) + ``index_add_`` backward: on an H200 at
+160x160x128 (2 M voxels, 12 levels) forward + backward per network 32.3 -> 23.0 ms (the iteration
+134 -> 114 ms; still only ~7 % of the copy bandwidth, so a fused kernel is the next step); on the
+CPU (82 k voxels) the backward 70 -> 8 ms, at 32x32x24 the iteration 121 -> 86 ms. Points given explicitly (``forward(coords)``)
+still use the gather. ``precompute`` also keeps only the table entries those voxels reach (a few %
+of a level's entries on small volumes): the others never receive a gradient, so dropping them
+changes no result but saves the optimiser's and the gradient's work on them.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +48,9 @@ class HashGridEncoding(nn.Module):
         self.sizes = [min(T, (r + 1) ** 3) for r in self.resolutions]
         g = torch.Generator().manual_seed(seed)
         self.table = nn.Parameter((torch.rand(L, T, Fdim, generator=g) * 2 - 1) * 1e-4)
-        self._idx = None
-        self._w = None
+        self._s = None               # CSR interpolation matrix of the precomputed points, and S^T
+        self._st = None
+        self._n_points = 0
         self.compact = False
 
     @property
@@ -74,7 +82,7 @@ class HashGridEncoding(nn.Module):
         building the optimiser: the table parameter is replaced."""
         if self.compact:
             raise RuntimeError("the hash table is already compacted to other points")
-        idx, self._w = self.corners(coords)
+        idx, w = self.corners(coords)
         if compact:
             used, inv = torch.unique(idx, return_inverse=True)
             with torch.no_grad():
@@ -82,18 +90,65 @@ class HashGridEncoding(nn.Module):
             self.table = nn.Parameter(table)
             idx = inv.reshape(idx.shape)
             self.compact = True
-        self._idx = idx
+        self._n_points = idx.shape[1]
+        self._s, self._st = _interpolation_matrices(idx, w, self.table.reshape(-1, self.table.shape[-1]).shape[0])
 
     def forward(self, coords: torch.Tensor | None = None) -> torch.Tensor:
-        if coords is None:
-            idx, w = self._idx, self._w
-        else:
-            if self.compact:
-                raise RuntimeError("a compacted hash table is only evaluated at its precomputed points")
-            idx, w = self.corners(coords)
         flat = self.table.reshape(-1, self.table.shape[-1])
+        if coords is None:
+            if self._s is None:
+                raise RuntimeError("no points: call precompute(coords) or pass coords")
+            return _SparseInterpolate.apply(flat, self._s, self._st).view(self._n_points, -1)
+        if self.compact:
+            raise RuntimeError("a compacted hash table is only evaluated at its precomputed points")
+        idx, w = self.corners(coords)
         feats = _Interpolate.apply(flat, idx, w).view(idx.shape[0], idx.shape[1], -1)   # L, N, F
         return feats.permute(1, 0, 2).reshape(idx.shape[1], -1)
+
+    def _apply(self, fn, *args, **kwargs):
+        """Module.to / .cuda move the interpolation matrices with the table."""
+        out = super()._apply(fn, *args, **kwargs)
+        if self._s is not None:
+            dev = self.table.device
+            self._s, self._st = self._s.to(dev), self._st.to(dev)
+        return out
+
+
+def _interpolation_matrices(idx: torch.Tensor, w: torch.Tensor, n_entries: int):
+    """CSR matrices S (N*L x entries; row n*L + l holds point n's 8 corner weights at level l) and
+    S^T, from corner indices and weights (L, N, 8). Indices are int32 where they fit."""
+    L, N, _ = idx.shape
+    dev = idx.device
+    col = idx.permute(1, 0, 2).reshape(-1)                      # (N, L, 8): rows n-major, as out
+    val = w.permute(1, 0, 2).reshape(-1).contiguous()
+    rows = N * L
+    itype = torch.int32 if max(col.numel(), n_entries, rows) < 2 ** 31 - 1 else torch.int64
+    crow = torch.arange(0, 8 * rows + 1, 8, device=dev, dtype=itype)
+    order = torch.argsort(col, stable=True)                    # stable: a fixed summation order
+    counts = torch.bincount(col, minlength=n_entries)
+    crow_t = torch.zeros(n_entries + 1, dtype=torch.int64, device=dev)
+    crow_t[1:] = torch.cumsum(counts, 0)
+    row_of = torch.div(order, 8, rounding_mode="floor")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
+        warnings.filterwarnings("ignore", message=".*[Ss]parse invariant checks.*")
+        s = torch.sparse_csr_tensor(crow, col.to(itype), val, (rows, n_entries), check_invariants=False)
+        st = torch.sparse_csr_tensor(crow_t.to(itype), row_of.to(itype), val[order], (n_entries, rows),
+                                     check_invariants=False)
+    return s, st
+
+
+class _SparseInterpolate(torch.autograd.Function):
+    """S @ table forwards, S^T @ grad backwards (precomputed CSR matrices, see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, table, s, st):
+        ctx.st = st
+        return s @ table
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.st @ g.contiguous(), None, None
 
 
 class _Interpolate(torch.autograd.Function):
@@ -133,12 +188,21 @@ class CoordinateNet(nn.Module):
             width = cfg.hidden
         self.mlp = nn.Sequential(*layers, nn.Linear(width, out_dim))
         self.register_buffer("u0", torch.zeros(0))
+        self.amp_dtype: torch.dtype | None = None    # e.g. torch.bfloat16: autocast the MLP
+
+    def _mlp(self, feats):
+        if self.amp_dtype is None:
+            return self.mlp(feats)
+        with torch.autocast(feats.device.type, dtype=self.amp_dtype):
+            return self.mlp(feats).float()
 
     def precompute(self, coords):
+        """Fix the evaluation points (see HashGridEncoding.precompute) and record the initial
+        output; set ``amp_dtype`` first, so that the offset is computed in the same precision."""
         self.encoding.precompute(coords)
         with torch.no_grad():
-            self.u0 = self.mlp(self.encoding())
+            self.u0 = self._mlp(self.encoding())
 
     def forward(self, coords=None):
-        out = self.mlp(self.encoding(coords))
+        out = self._mlp(self.encoding(coords))
         return out - self.u0 if coords is None and self.u0.numel() else out

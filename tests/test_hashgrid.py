@@ -36,3 +36,18 @@ def test_compacted_table_keeps_outputs_and_drops_unreached_entries():
     torch.testing.assert_close(small.encoding(), full.encoding(), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="precomputed points"):
         small.encoding(coords)
+
+
+def test_precomputed_points_use_the_sparse_matrices_with_the_same_values_and_gradient():
+    cfg = HashGridConfig(levels=5, log2_table=9, base_resolution=2, finest_resolution=24)
+    coords = torch.rand(400, 3, generator=torch.Generator().manual_seed(3))
+    enc = HashGridEncoding(cfg, seed=0)
+    g = torch.randn(400, enc.out_dim)
+    ref = _reference(enc, coords)
+    (gr,) = torch.autograd.grad((ref * g).sum(), enc.table)
+    enc.precompute(coords, compact=False)
+    assert enc._s.layout == torch.sparse_csr and enc._s.shape == (400 * cfg.levels, enc.table.numel() // 2)
+    out = enc()
+    (go,) = torch.autograd.grad((out * g).sum(), enc.table)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(go, gr, rtol=1e-5, atol=1e-7)
