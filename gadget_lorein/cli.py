@@ -321,6 +321,10 @@ def _add_settings_arguments(p: argparse.ArgumentParser, with_method=True) -> Non
     g.add_argument("--virtual-coils", type=_int_at_least(0), help="coil compression; 0 = off (default)")
     g.add_argument("--coil-batch", type=_int_at_least(0),
                    help="coils per FFT batch in the fit; 0 = all (default; halved on GPU out-of-memory)")
+    g.add_argument("--coil-subset", type=_int_at_least(0),
+                   help="speed: coils drawn at random per fit step for the data terms; 0 = all (default)")
+    g.add_argument("--amp", action="store_true", default=None,
+                   help="speed: the fit's network MLPs in bfloat16 (for GPUs)")
     g.add_argument("--protocol", dest="recon_protocol", metavar="NAME_OR_YAML",
                    help="override the protocol named in the data")
     g.add_argument("--seed", type=int, help="seed of the network initialisation (default 0)")
@@ -334,7 +338,7 @@ def settings_from_args(args) -> dict:
     """The settings mapping for gadget.recon_file / gadget.serve: only what was given."""
     names = dict(method="method", device="device", rank="rank", energy="energy", iterations="iterations",
                  coil_maps="coil_maps", virtual_coils="virtual_coils", coil_batch="coil_batch",
-                 recon_protocol="protocol",
+                 coil_subset="coil_subset", amp="amp", recon_protocol="protocol",
                  seed="seed", output_kind="output", images_2d="images_2d")
     out = {}
     for attr, name in names.items():

@@ -65,6 +65,9 @@ Settings
     coil_batch         0            coils per FFT batch in the fit (0 = all); smaller needs less
                                     GPU memory (halved automatically when the GPU runs out, then
                                     the CPU)
+    coil_subset        0            speed: coils drawn at random per fit step for the data terms
+                                    (an unbiased estimate, fewer FFTs, a noisier fit); 0 = all
+    amp                false        speed: the fit's network MLPs in bfloat16 (for GPUs; true/false)
     protocol           (empty)      sequence protocol: empty = the one in the data
                                     (userParameter lorein.protocol_yaml, else lorein.protocol /
                                     protocolName), else a shipped name (qalas, mrf) or a YAML path
@@ -83,7 +86,7 @@ Settings
                                     ERROR (the chain's external-gadget log goes to Gadgetron's log)
     ================== ============ ==============================================================
 
-    The first ten are ``recon.ReconSettings`` (their defaults are that class's; the same names as
+    The first twelve are ``recon.ReconSettings`` (their defaults are that class's; the same names as
     ``lorein recon``'s options); the last three belong to the gadget. The shipped chains
     (config_xml/*.xml) set some of them explicitly (e.g. coil_maps espirit).
 """
@@ -173,6 +176,7 @@ def parse_settings(values: dict | None) -> tuple[recon.ReconSettings, GadgetSett
         ("iterations", rs.iterations >= 0, "must be >= 0 (0 = the method's default)"),
         ("virtual_coils", rs.virtual_coils >= 0, "must be >= 0 (0 = no compression)"),
         ("coil_batch", rs.coil_batch >= 0, "must be >= 0 (0 = all coils at once)"),
+        ("coil_subset", rs.coil_subset >= 0, "must be >= 0 (0 = all coils every step)"),
         ("support_threshold", 0.0 <= rs.support_threshold < 1.0, "must be in [0, 1)"),
         ("coil_maps", rs.coil_maps in COIL_MAPS, f"must be one of {', '.join(COIL_MAPS)}"),
     )

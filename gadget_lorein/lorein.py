@@ -28,6 +28,9 @@
 - B1 (where the protocol encodes it) is a smooth transmit field: it comes from a coarse trilinear
   control grid (``b1_grid`` points per axis) on top of a strongly smoothed start, not from the
   network (measured at mrf, 24x24x16: brain B1 NRMSE 0.24 -> 0.15).
+- Speed switches that cost accuracy (off by default, measured in benchmarks/speed.py --variants):
+  ``coil_subset`` (an unbiased estimate of the data terms from a random subset of the coils each
+  step: fewer FFTs, a noisier gradient) and ``amp`` (the MLPs in bfloat16).
 Methods: ``lorein`` (both blocks; maps from PMR), ``pmr`` (PMR alone, SUMMIT-like), ``lrr`` (LRR alone
 then dictionary matching). Deterministic on CPU for a given seed.
 """
@@ -64,6 +67,8 @@ class FitConfig:
     b1_grid: int = 6                 # B1 from a coarse control grid of this many points per axis; 0 = network
     b1_smooth: float = 4.0           # separate sigma for the initial B1 map (a smooth field); 0 = init_smooth
     lrr_init: str = "maps"            # LRR start: cg (linear estimate) | maps (the PMR start's coefficients)
+    coil_subset: int = 0             # speed: coils drawn at random per step for the data terms; 0 = all
+    amp: bool = False                # speed: the networks' MLPs in bfloat16 (autocast); meant for GPUs
 
 
 def _p99(x: torch.Tensor) -> float:
@@ -262,8 +267,12 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
     params = []
     for m in (pmr, lrr):
         if m is not None:
+            m.net.amp_dtype = torch.bfloat16 if cfg.amp else None
             m.net.precompute(coords)
             params += list(m.parameters())
+    n_coils = op.maps.shape[0]
+    subset = cfg.coil_subset if 0 < cfg.coil_subset < n_coils else 0
+    coil_gen = torch.Generator().manual_seed(seed + 2)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, iterations) / iterations)))
@@ -271,13 +280,16 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
     for it in range(iterations):
         opt.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=op.device)
+        coils = None
+        if subset:           # one random subset of the coils for both data terms of this step
+            coils = torch.randperm(n_coils, generator=coil_gen)[:subset].sort().values.to(op.device)
         if use_lrr:
             x = lrr()
-            loss = loss + op.data_loss(_scatter(x, support)) / y2
+            loss = loss + op.data_loss(_scatter(x, support), coils) / y2
         if use_pmr:
             pm = pmr()
             xp = pmr.coefficients(pm)
-            loss = loss + op.data_loss(_scatter(xp, support)) / y2
+            loss = loss + op.data_loss(_scatter(xp, support), coils) / y2
         if use_pmr and cfg.tv_weight:
             loss = loss + cfg.tv_weight * _tv(pm, support)
         if use_lrr and use_pmr:
@@ -291,7 +303,8 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
             progress(it + 1, iterations, val)
         if val < best * (1 - cfg.tol):
             best, best_it = val, it
-        elif it - best_it > cfg.patience:
+        elif it - best_it > cfg.patience and not subset:    # a coil subset's loss is noisy: no
+            # early stop on it (seen on an H200: it stopped at 56 of 300 steps, maps much worse)
             log.info("lorein: converged after %d iterations (loss %.6g)", it + 1, val)
             break
     with torch.no_grad():

@@ -11,7 +11,9 @@ Coils are processed ``coil_batch`` at a time (0 = all at once): apart from B, wh
 the coil-sized tensors of an iteration are one batch's coefficient k-space, so a smaller batch trades
 a little speed for memory (the reconstruction halves it when the GPU runs out of memory, see
 recon.reconstruct). The data term's gradient is computed in closed form, 2 (A^H A X - A^H y), in the
-same pass as its value, so autograd keeps no per-coil intermediates at all.
+same pass as its value, so autograd keeps no per-coil intermediates at all. A random subset of the
+coils per step (``coils`` in loss_and_grad, the fit's ``coil_subset``) gives an unbiased estimate of
+both at a fraction of the FFTs.
 """
 from __future__ import annotations
 
@@ -58,10 +60,13 @@ class SubspaceOperator:
         self.y_norm2 = y_norm2
         self.n_lines = len(lines.frame)
 
-    def _batches(self):
-        c = self.maps.shape[0]
+    def _batches(self, coils: torch.Tensor | None = None):
+        """Coil batches: slices of all coils, or of the index tensor ``coils`` (a subset)."""
+        c = self.maps.shape[0] if coils is None else len(coils)
         step = self.coil_batch if 0 < self.coil_batch < c else c
-        return [slice(i, i + step) for i in range(0, c, step)]
+        if coils is None:
+            return [slice(i, i + step) for i in range(0, c, step)]
+        return [coils[i:i + step] for i in range(0, c, step)]
 
     # coefficient images <-> coefficient k-space
     def coil_kspace(self, x: torch.Tensor, coils: slice = slice(None)) -> torch.Tensor:
@@ -83,23 +88,30 @@ class SubspaceOperator:
         """A^H y as coefficient images (K, nz, ny, nx)."""
         return (self.maps.conj()[:, None] * ifftnc(self.b)).sum(0)
 
-    def loss_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_and_grad(self, x: torch.Tensor, coils: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """||A X - y||^2 and its gradient 2 (A^H A X - A^H y) (torch's convention for a real
-        function of complex X), one coil batch at a time; no autograd."""
+        function of complex X), one coil batch at a time; no autograd. With ``coils`` (indices of
+        a subset of the coils) both are unbiased estimates: the subset's terms scaled by
+        (all coils) / (subset size), plus ||y||^2."""
         with torch.no_grad():
             loss = torch.zeros((), device=x.device)
             grad = torch.zeros_like(x)
-            for c in self._batches():
+            for c in self._batches(coils):
                 k = self.coil_kspace(x, c)
                 r = self.apply_gram(k) - self.b[c]              # Q F S X - B
                 # <k, Qk> - 2 Re<k, B> = Re<k, Qk - B> - Re<k, B>
                 loss += (k.conj() * r).real.sum() - (k.conj() * self.b[c]).real.sum()
                 grad += 2 * (self.maps[c].conj()[:, None] * ifftnc(r)).sum(0)
+            if coils is not None:
+                scale = self.maps.shape[0] / len(coils)
+                loss, grad = loss * scale, grad * scale
             return loss + self.y_norm2, grad
 
-    def data_loss(self, x: torch.Tensor) -> torch.Tensor:
-        """||A X - y||^2, differentiable in X (gradient in closed form, see loss_and_grad)."""
-        return _DataLoss.apply(x, self)
+    def data_loss(self, x: torch.Tensor, coils: torch.Tensor | None = None) -> torch.Tensor:
+        """||A X - y||^2, differentiable in X (gradient in closed form, see loss_and_grad); with
+        ``coils``, its unbiased estimate from that subset of the coils."""
+        return _DataLoss.apply(x, self, coils)
 
     def max_eig(self, iters: int = 20, seed: int = 0) -> float:
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -114,12 +126,12 @@ class SubspaceOperator:
 
 class _DataLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, op):
-        loss, grad = op.loss_and_grad(x.detach())
+    def forward(ctx, x, op, coils):
+        loss, grad = op.loss_and_grad(x.detach(), coils)
         ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return g * grad, None
+        return g * grad, None, None

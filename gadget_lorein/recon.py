@@ -36,6 +36,8 @@ class ReconSettings:
     coil_maps: str = "lowres"     # lowres | espirit
     virtual_coils: int = 0        # coil compression to this many virtual coils; 0 = off
     coil_batch: int = 0           # coils per FFT batch in the operator; 0 = all (halved on GPU OOM)
+    coil_subset: int = 0          # speed: coils per fit step for the data terms (random); 0 = all
+    amp: bool = False             # speed: the fit's network MLPs in bfloat16 (GPU)
     protocol: str = ""            # override the protocol named in the data (name or YAML path)
     seed: int = 0                 # network initialisation and stochastic choices
     support_threshold: float = 0.08   # object support: low-res image above this x its 99th pct
@@ -208,9 +210,10 @@ def _reconstruct(scan: Scan, settings: ReconSettings, progress=None) -> ReconRes
     with stage("fit"):
         if settings.method in ("lorein", "pmr", "lrr"):
             from . import lorein
+            config = lorein.FitConfig(coil_subset=settings.coil_subset, amp=settings.amp)
             maps, fit_info = lorein.fit(settings.method, op, sub, support, proto.encodes_b1,
                                         iterations=settings.iterations, seed=settings.seed,
-                                        progress=progress)
+                                        progress=progress, config=config)
             info.update(fit_info)
         else:
             it = settings.iterations
@@ -221,9 +224,15 @@ def _reconstruct(scan: Scan, settings: ReconSettings, progress=None) -> ReconRes
             else:
                 x = baselines.llr_recon(op, iters=it or 80)
             maps = match_maps(sub, x, support, proto.encodes_b1)
+    out, sup = finish_maps(maps, support)
+    info["method"] = settings.method
+    return ReconResult(out, sup, timings, info)
+
+
+def finish_maps(maps: dict, support: torch.Tensor) -> tuple[dict, np.ndarray]:
+    """Device maps -> float32 numpy maps as returned (PD normalised, zero outside the support)."""
     sup = support.cpu().numpy()
     out = {k: v.detach().cpu().numpy() for k, v in maps.items()}
     out = {k: (normalise_pd(v, sup) if k == "PD" else np.where(sup, v.real, 0).astype(np.float32))
            for k, v in out.items()}
-    info["method"] = settings.method
-    return ReconResult(out, sup, timings, info)
+    return out, sup

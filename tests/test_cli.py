@@ -105,6 +105,7 @@ BAD = {
     "serve-port-text": (["serve", "-p", "eighteen"], ["-p"]),
     "serve-method": (["serve", "--method", "magic"], ["--method", "invalid choice"]),
     "serve-virtual-coils": (["serve", "--virtual-coils", -2], ["--virtual-coils"]),
+    "serve-coil-subset": (["serve", "--coil-subset", -1], ["--coil-subset"]),
     # demo
     "demo-matrix": (["demo", "--out", "{d}/demo", "--matrix", 4, 4, 4], ["outside"]),
     "demo-out-file": (["demo", "--out", "{d}/a_file"], ["not a folder"]),

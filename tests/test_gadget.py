@@ -346,3 +346,11 @@ def test_peer_vanishes_mid_stream(qalas_small, tmp_path):
     assert result.returncode not in (0, None), result.log[-3000:]
     assert time.monotonic() - t0 < 30
     assert "ConnectionError: Gadgetron closed the connection without a CLOSE message" in result.log
+
+
+def test_speed_switch_settings_are_parsed_and_checked():
+    rs, _ = gadget.parse_settings({"coil_subset": "8", "amp": "yes"})
+    assert rs.coil_subset == 8 and rs.amp is True
+    assert gadget.parse_settings({})[0].amp is False
+    with pytest.raises(gadget.SettingsError, match="coil_subset=-1 must be >= 0"):
+        gadget.parse_settings({"coil_subset": "-1"})
