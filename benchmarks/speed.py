@@ -5,6 +5,7 @@ benchmarks/RESULTS.md.
     python benchmarks/speed.py --small                 # reduced qalas case (about 2 min on 2 CPU cores)
     python benchmarks/speed.py                         # 160x160x128, 16 coils, R=16 (meant for a GPU)
     python benchmarks/speed.py --device cuda --record  # the GPU run
+    bash benchmarks/gpu_session.sh                     # a lent GPU's whole session, logs to $OUT
     python benchmarks/speed.py --scaling               # fit time vs matrix size and MRF train length
 
 1. Node path. A qalas (or mrf) scan is simulated (not a node stage), written with mrd.write_raw
@@ -20,6 +21,12 @@ benchmarks/RESULTS.md.
    measured ceilings (large complex FFT in GFLOP/s with 5 N log2 N, large float32 matmul, and a
    device-to-device copy in GB/s counting read + write); each op's achieved rate against the
    matching ceiling. Work models are stated in the table (minimal traffic / nominal FLOPs).
+   The node path's fit is then repeated to 5x the iterations ('converged'; last but one, as it is
+   the longest run).
+2b. Speed switches (``--variants coil_subset=8 virtual_coils=8 amp=1 ...``): the fit alone, in this
+   process, on the node path's scan, once per variant and once with the defaults (baseline): fit
+   time, time per iteration, peak device memory and NRMSE, so each switch's cost in accuracy sits
+   beside its gain.
 3. Scaling (``--scaling``). The fit at a fixed iteration count for several matrix sizes (qalas)
    and MRF train lengths (coarse dictionary), plus 1 vs 2 threads on CPU.
 
@@ -74,12 +81,6 @@ section below. What is measured:
 
 CPU timings come from a shared 2-core machine (other processes were running): expect +-30 % noise
 and more; compare rows of one run rather than runs.
-
-## GPU (H100/H200): not yet measured
-
-**Not yet measured — no GPU was available in the session that wrote this benchmark.** Run
-`python benchmarks/speed.py --device cuda --record` (and `--device cuda --scaling --record`) on a
-GPU machine and replace this section with a pointer to the recorded sections.
 """
 
 
@@ -257,13 +258,6 @@ def node_section(args, dev, tmp: Path) -> tuple[str, dict]:
           f"({raw_path.stat().st_size / 2**20:.1f} MiB); running the node path ...", file=sys.stderr,
           flush=True)
     res = run_isolated(node_path, str(raw_path), settings, args.threads, in_process=args.in_process)
-    conv = None
-    if not args.no_converged and args.method in ("lorein", "pmr", "lrr"):
-        base = res["iterations"] or args.iterations or lorein.FitConfig().iterations
-        print(f"converged run: {5 * base} iterations ...", file=sys.stderr, flush=True)
-        conv = run_isolated(node_path, str(raw_path), {**settings, "iterations": 5 * base},
-                            args.threads, cold_subspace=False, images=False,
-                            in_process=args.in_process)
 
     info, st = res["info"], res["stages"]
     lines = []
@@ -299,23 +293,34 @@ def node_section(args, dev, tmp: Path) -> tuple[str, dict]:
                  f"{'%.0f MB' % dmem if dmem is not None else 'n/a (CPU)'}.")
     lines.append("")
 
-    def errs(maps):
-        return metrics.map_errors(maps, truth), metrics.map_errors(maps, truth, "tissue")
-    keys = [k for k in ("T1", "T2", "PD", "B1") if k in res["maps"] and k in truth]
-    header = ["run", "iterations", "fit time"] + [f"{k} brain" for k in keys] + [f"{k} tissue" for k in keys]
-    rows = []
-    for label, r in (("benchmark", res), ("converged (5x)", conv)):
-        if r is None:
-            continue
-        eb, et = errs(r["maps"])
-        rows.append([label, r["iterations"], fmt_s(r["stages"].get("fit"))]
-                    + [f"{eb[k]:.3f}" for k in keys] + [f"{et[k]:.3f}" for k in keys])
-    lines.append("NRMSE against the phantom:")
-    lines.append("")
-    lines.append(table(header, rows))
-    ctx = dict(sim=sim, proto=proto, K=info.get("rank"), coils=info.get("coils"),
+    lines.append(nrmse_table(truth, [("benchmark", res)]))
+    ctx = dict(sim=sim, proto=proto, K=info.get("rank"), coils=info.get("coils"), res=res,
+               raw_path=raw_path, settings=settings, truth=truth,
                shape=res["shape"], voxels=res["voxels"], per_iteration=per_it)
     return "\n".join(lines), ctx
+
+
+def nrmse_table(truth: dict, runs: list) -> str:
+    """NRMSE of each map (brain and tissue) for each (label, node_path result)."""
+    keys = [k for k in ("T1", "T2", "PD", "B1") if k in runs[0][1]["maps"] and k in truth]
+    header = ["run", "iterations", "fit time"] + [f"{k} brain" for k in keys] + [f"{k} tissue" for k in keys]
+    rows = []
+    for label, r in runs:
+        eb, et = metrics.map_errors(r["maps"], truth), metrics.map_errors(r["maps"], truth, "tissue")
+        rows.append([label, r["iterations"], fmt_s(r["stages"].get("fit"))]
+                    + [f"{eb[k]:.3f}" for k in keys] + [f"{et[k]:.3f}" for k in keys])
+    return "NRMSE against the phantom:\n\n" + table(header, rows)
+
+
+def converged_section(args, ctx: dict) -> str:
+    """The node path's fit again at 5x the iterations (last, as it is the longest run)."""
+    res = ctx["res"]
+    base = res["iterations"] or args.iterations or lorein.FitConfig().iterations
+    print(f"converged run: {5 * base} iterations ...", file=sys.stderr, flush=True)
+    conv = run_isolated(node_path, str(ctx["raw_path"]), {**ctx["settings"], "iterations": 5 * base},
+                        args.threads, cold_subspace=False, images=False, in_process=args.in_process)
+    return ("The same fit to 5x the iterations (it may stop earlier on its own convergence test):\n\n"
+            + nrmse_table(ctx["truth"], [("benchmark", res), ("converged (5x)", conv)]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,7 +359,10 @@ def floors_section(args, dev, ctx: dict, ceil: dict) -> str:
     sim, proto = ctx["sim"], ctx["proto"]
     g = torch.Generator(device="cpu").manual_seed(0)
     rs = recon.ReconSettings(method=args.method, device=args.device, coil_batch=args.coil_batch)
-    _, sub, op, support, _ = recon.prepare(sim.scan, rs)
+    t = time.perf_counter()
+    prepared = recon.prepare(sim.scan, rs)
+    ctx["prepared"] = {(0, args.coil_batch): (prepared, time.perf_counter() - t)}   # for the variants
+    _, sub, op, support, _ = prepared
     K, C = op.K, op.maps.shape[0]
     shape = op.shape
     V = shape[0] * shape[1] * shape[2]
@@ -413,7 +421,7 @@ def floors_section(args, dev, ctx: dict, ceil: dict) -> str:
         enc.table.grad = None
         enc().sum().backward()
     t = bench(enc_fwd, dev)
-    by = L * N * 8 * (8 + 4 + 4 * Fd) + L * N * Fd * 4        # idx int64 + weight + gathered features
+    by = L * N * 8 * (4 + 4 + 4 * Fd) + L * N * Fd * 4        # CSR: int32 column + weight + gathered row
     row(f"hash-grid encoding fwd ({L} levels, {N} voxels)", t, f"{by / 1e6:.0f} MB", by / t / 1e9, bw_peak,
         "GB/s")
     t_enc = bench(enc_fb, dev)
@@ -488,6 +496,78 @@ def floors_section(args, dev, ctx: dict, ceil: dict) -> str:
                  f"Adam, without the coupling term and autograd glue): {fmt_s(est)}; measured in the node "
                  f"path: {fmt_s(pi)}. Its FFTs alone (4 x fftnc): {fmt_s(4 * t_fft)}; hash-grid "
                  f"fwd+bwd x 2: {fmt_s(2 * t_enc)}.")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2b. speed switches (fit only, on the node path's scan)
+# ------------------------------------------------------------------------------------------------
+
+VARIANT_KEYS = {"iterations": int, "virtual_coils": int, "coil_subset": int, "amp": int,
+                "coil_batch": int}
+
+
+def parse_variant(spec: str) -> dict:
+    """'coil_subset=8,amp=1' -> {'coil_subset': 8, 'amp': 1}; 'baseline' -> {}."""
+    out = {}
+    if spec in ("", "baseline"):
+        return out
+    for item in spec.split(","):
+        key, _, val = item.partition("=")
+        if key not in VARIANT_KEYS or not val:
+            raise ValueError(f"variant '{spec}': '{item}' is not KEY=VALUE with KEY one of "
+                             f"{', '.join(VARIANT_KEYS)}")
+        out[key] = VARIANT_KEYS[key](val)
+    return out
+
+
+def variants_section(args, dev, ctx: dict) -> str:
+    """The fit alone (after prepare: prewhitening, coil maps, operator) for each speed switch, on
+    the scan of the node path, in this process; same seed, same iteration count unless the variant
+    sets one. Prepare is redone only when the variant changes it (virtual_coils)."""
+    sim, proto = ctx["sim"], ctx["proto"]
+    truth = sim.truth()
+    keys = [k for k in ("T1", "T2", "PD", "B1") if k in truth]
+    specs = ["baseline"] + [v for v in args.variants if v != "baseline"]
+    rows, prepared = [], ctx.pop("prepared", {})
+    for spec in specs:
+        kv = parse_variant(spec)
+        prep_key = (kv.get("virtual_coils", 0), kv.get("coil_batch", args.coil_batch))
+        if prep_key not in prepared:
+            prepared.clear()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            rs = recon.ReconSettings(method=args.method, device=args.device, virtual_coils=prep_key[0],
+                                     coil_batch=prep_key[1])
+            t = time.perf_counter()
+            prepared[prep_key] = (recon.prepare(sim.scan, rs), time.perf_counter() - t)
+        (_, sub, op, support, info), t_prep = prepared[prep_key]
+        cfg = lorein.FitConfig(coil_subset=kv.get("coil_subset", 0), amp=bool(kv.get("amp", 0)))
+        iterations = kv.get("iterations", args.iterations or cfg.iterations)
+        stamps = []
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        print(f"variant {spec} ...", file=sys.stderr, flush=True)
+        sync(dev)
+        t = time.perf_counter()
+        maps, fit_info = lorein.fit(args.method, op, sub, support, proto.encodes_b1, iterations=iterations,
+                                    seed=0, config=cfg,
+                                    progress=lambda it, total, loss: stamps.append(time.perf_counter()))
+        sync(dev)
+        t_fit = time.perf_counter() - t
+        per_it = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
+        out, _ = recon.finish_maps(maps, support)
+        eb, et = metrics.map_errors(out, truth), metrics.map_errors(out, truth, "tissue")
+        mem = f"{torch.cuda.max_memory_allocated(dev) / 2**20:.0f} MB" if dev.type == "cuda" else "-"
+        rows.append([spec, f"{info['coils']} coils, prepare {fmt_s(t_prep)}", fit_info["iterations"],
+                     fmt_s(t_fit), fmt_s(per_it), mem]
+                    + [f"{eb[k]:.3f}" for k in keys] + [f"{et[k]:.3f}" for k in keys])
+        print(" | ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
+    lines = [f"Speed switches: the {args.method} fit alone on the same scan (seed 0), after prepare; "
+             "peak device memory of the fit. Every switch is off by default (recon.ReconSettings).", ""]
+    lines.append(table(["variant", "operator", "iterations", "fit time", "per iteration",
+                        "peak device memory"] + [f"{k} brain" for k in keys]
+                       + [f"{k} tissue" for k in keys], rows))
     return "\n".join(lines)
 
 
@@ -599,6 +679,10 @@ def main(argv=None):
                     help="fit iterations; 0 = the method's default (default: 0, --small: 30)")
     ap.add_argument("--no-converged", action="store_true", help="skip the 5x-iterations run")
     ap.add_argument("--no-floors", action="store_true", help="skip the floor measurements")
+    ap.add_argument("--variants", nargs="*", default=[], metavar="KEY=VAL[,KEY=VAL]",
+                    help="also time the fit alone with these speed switches (and a baseline), e.g. "
+                         "coil_subset=8 virtual_coils=8 amp=1 iterations=100; keys: "
+                         + ", ".join(VARIANT_KEYS))
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     ap.add_argument("--coil-batch", type=int, default=0,
                     help="coils per FFT batch in the operator (0 = all; smaller = less memory)")
@@ -617,6 +701,11 @@ def main(argv=None):
                     help="--scaling on CPU: also time the middle matrix with these thread counts")
     ap.add_argument("--record", action="store_true", help=f"append the tables to {RESULTS}")
     args = ap.parse_args(argv)
+    for spec in args.variants:
+        try:
+            parse_variant(spec)
+        except ValueError as err:
+            ap.error(str(err))
     if args.matrix is None:
         args.matrix = [32, 32, 24] if args.small else [160, 160, 128]
     if args.coils is None:
@@ -644,10 +733,17 @@ def main(argv=None):
         else:
             text, ctx = node_section(args, dev, tmp)
             parts.append(text)
+            print(text, file=sys.stderr, flush=True)          # as it comes; the report is on stdout
             if not args.no_floors:
                 print("floors ...", file=sys.stderr, flush=True)
                 ceil = ceilings(dev)
                 parts += ["", "Floors:", "", floors_section(args, dev, ctx, ceil)]
+                print(parts[-1], file=sys.stderr, flush=True)
+            if not args.no_converged and args.method in ("lorein", "pmr", "lrr"):
+                parts += ["", converged_section(args, ctx)]
+                print(parts[-1], file=sys.stderr, flush=True)
+            if args.variants:
+                parts += ["", variants_section(args, dev, ctx)]
         parts += ["", f"Benchmark wall time {time.perf_counter() - t0:.0f} s."]
     text = "\n".join(parts) + "\n"
     print(text)

@@ -39,3 +39,19 @@ def test_speed_node_path_table(capsys):
     out = capsys.readouterr().out
     for stage in ("buffering", "coil maps", "subspace", "fit", "output"):
         assert stage in out, out
+
+
+def test_speed_variants_table(capsys):
+    """--variants: a baseline row and one per switch, each with its NRMSE; a bad key is refused."""
+    speed = load("speed")
+    speed.main(["--matrix", "16", "16", "12", "--coils", "4", "--iterations", "3", "--no-converged",
+                "--no-floors", "--in-process", "--variants", "coil_subset=2,amp=1", "virtual_coils=2"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| baseline") or
+            line.startswith("| coil_subset=2,amp=1") or line.startswith("| virtual_coils=2")]
+    assert len(rows) == 3, out
+    assert "| 2 coils" in rows[2], rows
+    with pytest.raises(SystemExit):
+        speed.main(["--variants", "warp=9"])
+    assert "KEY=VALUE with KEY one of" in capsys.readouterr().err
+

@@ -1,0 +1,26 @@
+#!/bin/bash
+# The runs of one lent-GPU session, in one call (the device time is short): a small CUDA smoke run
+# of the node path (stops here if CUDA fails), then the full speed benchmark (160x160x128, 16 coils,
+# R=16) with its floors, the speed switches and the converged run, recorded into RESULTS.md.
+# Logs and the updated RESULTS.md go to $OUT. Missing pure-Python dependencies may come as wheels
+# in .whl/ (see the device notes); the package itself runs from the checkout.
+#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh
+set -u
+OUT=${OUT:-/tmp/lorein-gpu}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+{ date -u; nproc; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, numpy, ismrmrd; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/env.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || exit 1
+timeout "${SMALL_TIMEOUT:-120}" python3 benchmarks/speed.py --small --device cuda --record 2>&1 | tee "$OUT/small.log"
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "small CUDA run failed"; cp benchmarks/RESULTS.md "$OUT/"; exit 1; }
+timeout "${FULL_TIMEOUT:-440}" python3 benchmarks/speed.py --device cuda --record ${FULL_ARGS:-} \
+    --variants ${VARIANTS:-coil_subset=8 virtual_coils=8 amp=1} 2>&1 | tee "$OUT/full.log"
+echo "full run exit ${PIPESTATUS[0]}"
+cp benchmarks/RESULTS.md "$OUT/"
