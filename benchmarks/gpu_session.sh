@@ -2,9 +2,13 @@
 # The runs of one lent-GPU session, in one call (the device time is short): a small CUDA smoke run
 # of the node path (stops here if CUDA fails), then the full speed benchmark (160x160x128, 16 coils,
 # R=16) with its floors, the speed switches and the converged run, recorded into RESULTS.md.
-# Logs and the updated RESULTS.md go to $OUT. Missing pure-Python dependencies may come as wheels
-# in .whl/ (see the device notes); the package itself runs from the checkout.
+# Logs and the updated RESULTS.md go to $OUT. Dependencies the GPU image lacks come as wheels in
+# .whl/ (on 2026-11-26, for its Python 3.12: ismrmrd 1.15.0, xsdata 26.10, sigpy 0.1.27 and
+# PyWavelets 1.9.0 cp312, fetched with `pip download --no-deps --only-binary=:all: --python-version
+# 3.12 ...`); the package itself runs from the checkout, on the image's torch and numpy.
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh
+# Knobs (environment): SMALL_TIMEOUT, FULL_TIMEOUT (s), FULL_ARGS (extra speed.py options, e.g.
+# --no-converged), VARIANTS (the --variants list).
 set -u
 OUT=${OUT:-/tmp/lorein-gpu}
 mkdir -p "$OUT"
