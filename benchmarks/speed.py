@@ -300,16 +300,26 @@ def node_section(args, dev, tmp: Path) -> tuple[str, dict]:
     return "\n".join(lines), ctx
 
 
+def nrmse_keys(maps: dict, truth: dict) -> list[str]:
+    return [k for k in ("T1", "T2", "PD", "B1") if k in maps and k in truth]
+
+
+def nrmse_header(keys: list[str]) -> list[str]:
+    return [f"{k} brain" for k in keys] + [f"{k} tissue" for k in keys]
+
+
+def nrmse_cells(maps: dict, truth: dict, keys: list[str]) -> list[str]:
+    """NRMSE of each map over the brain, then over the tissue (gadget_lorein.metrics)."""
+    eb, et = metrics.map_errors(maps, truth), metrics.map_errors(maps, truth, "tissue")
+    return [f"{eb[k]:.3f}" for k in keys] + [f"{et[k]:.3f}" for k in keys]
+
+
 def nrmse_table(truth: dict, runs: list) -> str:
     """NRMSE of each map (brain and tissue) for each (label, node_path result)."""
-    keys = [k for k in ("T1", "T2", "PD", "B1") if k in runs[0][1]["maps"] and k in truth]
-    header = ["run", "iterations", "fit time"] + [f"{k} brain" for k in keys] + [f"{k} tissue" for k in keys]
-    rows = []
-    for label, r in runs:
-        eb, et = metrics.map_errors(r["maps"], truth), metrics.map_errors(r["maps"], truth, "tissue")
-        rows.append([label, r["iterations"], fmt_s(r["stages"].get("fit"))]
-                    + [f"{eb[k]:.3f}" for k in keys] + [f"{et[k]:.3f}" for k in keys])
-    return "NRMSE against the phantom:\n\n" + table(header, rows)
+    keys = nrmse_keys(runs[0][1]["maps"], truth)
+    rows = [[label, r["iterations"], fmt_s(r["stages"].get("fit"))] + nrmse_cells(r["maps"], truth, keys)
+            for label, r in runs]
+    return "NRMSE against the phantom:\n\n" + table(["run", "iterations", "fit time"] + nrmse_header(keys), rows)
 
 
 def converged_section(args, ctx: dict) -> str:
@@ -527,7 +537,6 @@ def variants_section(args, dev, ctx: dict) -> str:
     sets one. Prepare is redone only when the variant changes it (virtual_coils)."""
     sim, proto = ctx["sim"], ctx["proto"]
     truth = sim.truth()
-    keys = [k for k in ("T1", "T2", "PD", "B1") if k in truth]
     specs = ["baseline"] + [v for v in args.variants if v != "baseline"]
     rows, prepared = [], ctx.pop("prepared", {})
     for spec in specs:
@@ -557,17 +566,15 @@ def variants_section(args, dev, ctx: dict) -> str:
         t_fit = time.perf_counter() - t
         per_it = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
         out, _ = recon.finish_maps(maps, support)
-        eb, et = metrics.map_errors(out, truth), metrics.map_errors(out, truth, "tissue")
+        keys = nrmse_keys(out, truth)
         mem = f"{torch.cuda.max_memory_allocated(dev) / 2**20:.0f} MB" if dev.type == "cuda" else "-"
         rows.append([spec, f"{info['coils']} coils, prepare {fmt_s(t_prep)}", fit_info["iterations"],
-                     fmt_s(t_fit), fmt_s(per_it), mem]
-                    + [f"{eb[k]:.3f}" for k in keys] + [f"{et[k]:.3f}" for k in keys])
+                     fmt_s(t_fit), fmt_s(per_it), mem] + nrmse_cells(out, truth, keys))
         print(" | ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
     lines = [f"Speed switches: the {args.method} fit alone on the same scan (seed 0), after prepare; "
              "peak device memory of the fit. Every switch is off by default (recon.ReconSettings).", ""]
     lines.append(table(["variant", "operator", "iterations", "fit time", "per iteration",
-                        "peak device memory"] + [f"{k} brain" for k in keys]
-                       + [f"{k} tissue" for k in keys], rows))
+                        "peak device memory"] + nrmse_header(keys), rows))
     return "\n".join(lines)
 
 
@@ -706,6 +713,8 @@ def main(argv=None):
             parse_variant(spec)
         except ValueError as err:
             ap.error(str(err))
+    if args.variants and args.method not in ("lorein", "pmr", "lrr"):
+        ap.error(f"--variants times the network fit; --method {args.method} has none")
     if args.matrix is None:
         args.matrix = [32, 32, 24] if args.small else [160, 160, 128]
     if args.coils is None:

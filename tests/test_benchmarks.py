@@ -54,4 +54,7 @@ def test_speed_variants_table(capsys):
     with pytest.raises(SystemExit):
         speed.main(["--variants", "warp=9"])
     assert "KEY=VALUE with KEY one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        speed.main(["--method", "cg", "--variants", "amp=1"])
+    assert "--method cg has none" in capsys.readouterr().err
 

@@ -13,14 +13,20 @@ def _reference(enc: HashGridEncoding, coords):
     return feats.permute(1, 0, 2).reshape(idx.shape[1], -1)
 
 
-def test_interpolation_and_its_gradient_match_autograd():
+@pytest.mark.parametrize("precomputed", [False, True], ids=["explicit-points", "precomputed-sparse"])
+def test_interpolation_and_its_gradient_match_autograd(precomputed):
+    """Explicit points use the gather (embedding_bag / index_add_); precomputed points the CSR
+    matrices S and S^T. Both give the reference's values and table gradient."""
     cfg = HashGridConfig(levels=4, log2_table=10, base_resolution=2, finest_resolution=16)
     coords = torch.rand(300, 3, generator=torch.Generator().manual_seed(1))
     enc = HashGridEncoding(cfg, seed=0)
     g = torch.randn(300, enc.out_dim)
     ref = _reference(enc, coords)
     (gr,) = torch.autograd.grad((ref * g).sum(), enc.table)
-    out = enc(coords)
+    if precomputed:
+        enc.precompute(coords, compact=False)
+        assert enc._s.layout == torch.sparse_csr and enc._s.shape == (300 * cfg.levels, enc.table.numel() // 2)
+    out = enc() if precomputed else enc(coords)
     (go,) = torch.autograd.grad((out * g).sum(), enc.table)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(go, gr, rtol=1e-5, atol=1e-7)
@@ -36,18 +42,3 @@ def test_compacted_table_keeps_outputs_and_drops_unreached_entries():
     torch.testing.assert_close(small.encoding(), full.encoding(), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="precomputed points"):
         small.encoding(coords)
-
-
-def test_precomputed_points_use_the_sparse_matrices_with_the_same_values_and_gradient():
-    cfg = HashGridConfig(levels=5, log2_table=9, base_resolution=2, finest_resolution=24)
-    coords = torch.rand(400, 3, generator=torch.Generator().manual_seed(3))
-    enc = HashGridEncoding(cfg, seed=0)
-    g = torch.randn(400, enc.out_dim)
-    ref = _reference(enc, coords)
-    (gr,) = torch.autograd.grad((ref * g).sum(), enc.table)
-    enc.precompute(coords, compact=False)
-    assert enc._s.layout == torch.sparse_csr and enc._s.shape == (400 * cfg.levels, enc.table.numel() // 2)
-    out = enc()
-    (go,) = torch.autograd.grad((out * g).sum(), enc.table)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(go, gr, rtol=1e-5, atol=1e-7)
