@@ -9,10 +9,11 @@ Both are row-wise sums in a fixed order (deterministic, no atomics) and use cuSP
 against the previous weighted gather (``embedding_bag``) + ``index_add_`` backward: on an H200 at
 160x160x128 (2 M voxels, 12 levels) forward + backward per network 32.3 -> 23.0 ms (the iteration
 134 -> 114 ms; still only ~7 % of the copy bandwidth, so a fused kernel is the next step); on the
-CPU (82 k voxels) the backward 70 -> 8 ms, at 32x32x24 the iteration 121 -> 86 ms. Points given explicitly (``forward(coords)``)
-still use the gather. ``precompute`` also keeps only the table entries those voxels reach (a few %
-of a level's entries on small volumes): the others never receive a gradient, so dropping them
-changes no result but saves the optimiser's and the gradient's work on them.
+CPU (82 k voxels) the backward 70 -> 8 ms, at 32x32x24 the iteration 121 -> 86 ms. Points given
+explicitly (``forward(coords)``) still use the gather. ``precompute`` also keeps only the table
+entries those voxels reach (a few % of a level's entries on small volumes): the others never
+receive a gradient, so dropping them changes no result but saves the optimiser's and the
+gradient's work on them.
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ class HashGridEncoding(nn.Module):
             idx = inv.reshape(idx.shape)
             self.compact = True
         self._n_points = idx.shape[1]
-        self._s, self._st = _interpolation_matrices(idx, w, self.table.reshape(-1, self.table.shape[-1]).shape[0])
+        self._s, self._st = _interpolation_matrices(idx, w, self.table.numel() // self.table.shape[-1])
 
     def forward(self, coords: torch.Tensor | None = None) -> torch.Tensor:
         flat = self.table.reshape(-1, self.table.shape[-1])
