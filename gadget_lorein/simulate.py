@@ -49,12 +49,16 @@ def sampling_b1(proto: Protocol) -> bool:
     return proto.encodes_b1
 
 
-def contrast_images(proto: Protocol, phantom: ph.Phantom, frames=None) -> torch.Tensor:
-    """Noise-free images PD * s_t: complex64 (n_frames, nz, ny, nx) (or the frames asked)."""
+def contrast_images(proto: Protocol, phantom: ph.Phantom, frames=None, b1: bool | None = None
+                    ) -> torch.Tensor:
+    """Noise-free images PD * s_t: complex64 (n_frames, nz, ny, nx) (or the frames asked). ``b1``:
+    the phantom's transmit field in the signal (None: where the protocol encodes B1, else nominal)."""
     inside = torch.from_numpy(phantom.labels > 0)
     t1 = torch.from_numpy(phantom.t1)[inside]
     t2 = torch.from_numpy(phantom.t2)[inside]
-    b1 = torch.from_numpy(phantom.b1)[inside] if sampling_b1(proto) else torch.ones_like(t1)
+    if b1 is None:
+        b1 = sampling_b1(proto)
+    b1 = torch.from_numpy(phantom.b1)[inside] if b1 else torch.ones_like(t1)
     sig = sequences.signal(proto, t1, t2, b1)                   # V, T
     if frames is not None:
         sig = sig[:, frames]
@@ -65,7 +69,10 @@ def contrast_images(proto: Protocol, phantom: ph.Phantom, frames=None) -> torch.
 
 
 def simulate(proto: Protocol, matrix=(64, 64, 48), n_coils=8, accel=16.0, noise=0.01, seed=0,
-             calib=None, calib_mode=None, n_noise=512, frame_chunk=8) -> Simulation:
+             calib=None, calib_mode=None, n_noise=512, frame_chunk=8, b1_mismatch=False) -> Simulation:
+    """``b1_mismatch``: put the phantom's transmit field (0.8-1.2) into the signal even where the
+    protocol does not encode B1 (qalas), whose reconstruction takes B1 = 1: a model mismatch, for
+    measuring how the methods cope with one (benchmarks/accuracy.py --b1-mismatch)."""
     nx, ny, nz = (int(v) for v in matrix)
     phantom = ph.head_phantom((nx, ny, nz), seed=seed)
     coils = ph.coil_sensitivities((nz, ny, nx), n_coils, seed=seed).astype(np.complex64)
@@ -85,7 +92,7 @@ def simulate(proto: Protocol, matrix=(64, 64, 48), n_coils=8, accel=16.0, noise=
     cy, cz = calib
     calib_region[nz // 2 - cz // 2: nz // 2 - cz // 2 + cz, ny // 2 - cy // 2: ny // 2 - cy // 2 + cy] = True
 
-    imgs = contrast_images(proto, phantom)
+    imgs = contrast_images(proto, phantom, b1=True if b1_mismatch else None)
     sigma = float(noise) * float(imgs.abs().max())
     rng = np.random.default_rng(seed + 1)
     chol = np.linalg.cholesky(cov)

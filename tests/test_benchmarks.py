@@ -26,6 +26,13 @@ def test_accuracy_table_with_seeds(capsys):
     assert "mean +- sd over seeds 0-1" in out
 
 
+def test_accuracy_b1_mismatch_is_named_in_the_header(capsys):
+    load("accuracy").main(["--matrix", "16", "16", "12", "--coils", "4", "--qalas-accel", "8",
+                           "--mrf-accel", "--methods", "cg", "--b1-mismatch"])
+    out = capsys.readouterr().out
+    assert "B1 mismatch" in out.splitlines()[0] and "| qalas | 8 | cg |" in out, out
+
+
 def test_accuracy_rejects_zero_seeds(capsys):
     with pytest.raises(SystemExit):
         load("accuracy").main(["--seeds", "0"])

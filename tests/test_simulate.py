@@ -221,3 +221,21 @@ def test_same_seed_same_file_and_truth(tmp_path):
     c = run_simulate(tmp_path, "--matrix", 16, 16, 8, "--coils", 3, "--accel", 4, "--seed", 1, name="c")
     assert a[0].read_bytes() == b[0].read_bytes() and a[1].read_bytes() == b[1].read_bytes()
     assert a[0].read_bytes() != c[0].read_bytes()
+
+
+def test_b1_mismatch_puts_the_transmit_field_into_a_qalas_signal():
+    """qalas does not encode B1, so by default its scan has B1 = 1; b1_mismatch=True gives the
+    phantom's field to the signal (the images change inside the head, the model's nominal B1 does not)."""
+    proto = protocol.load("qalas")
+    nominal = simulate.simulate(proto, matrix=(16, 16, 8), n_coils=2, accel=4, noise=0, seed=0)
+    mismatch = simulate.simulate(proto, matrix=(16, 16, 8), n_coils=2, accel=4, noise=0, seed=0,
+                                 b1_mismatch=True)
+    b1 = nominal.phantom.b1[nominal.phantom.labels > 0]
+    assert b1.min() < 0.9 and b1.max() > 1.1
+    np.testing.assert_array_equal(nominal.scan.lines.ky, mismatch.scan.lines.ky)
+    diff = np.linalg.norm(mismatch.scan.lines.data - nominal.scan.lines.data)
+    assert diff > 0.05 * np.linalg.norm(nominal.scan.lines.data), diff
+    with_b1 = simulate.contrast_images(proto, nominal.phantom, b1=True).numpy()
+    default = simulate.contrast_images(proto, nominal.phantom).numpy()
+    assert not np.allclose(with_b1, default)
+    assert "B1" not in mismatch.truth()            # not a reconstructed map for qalas
