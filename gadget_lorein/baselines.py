@@ -39,9 +39,10 @@ def cg_solve(op: SubspaceOperator, rhs: torch.Tensor, lam: float, iters: int, x0
 
 
 def zero_filled(op: SubspaceOperator) -> torch.Tensor:
-    """A^H y scaled by the mean sampling density (the subspace projection of the zero-filled
-    frames)."""
-    return op.adjoint_data() / max(op.mean_density, 1e-12)
+    """A^H y scaled by the mean sampling density and, per voxel, by the coils' summed squared
+    sensitivity (the subspace projection of the zero-filled, coil-combined frames)."""
+    gain = (op.maps.abs() ** 2).sum(0)
+    return op.adjoint_data() / (max(op.mean_density, 1e-12) * gain.clamp_min(1e-6 * float(gain.max())))
 
 
 def cg_recon(op: SubspaceOperator, iters: int = 30, lam_rel: float = 1e-3, progress=None):

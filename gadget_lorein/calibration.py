@@ -117,7 +117,21 @@ def espirit_maps(calib: np.ndarray, kernel_width: int = 4, thresh: float = 0.02)
     return (maps / np.maximum(rss, 1e-6)).astype(np.complex64)
 
 
-def coil_maps(calib: np.ndarray, method: str = "lowres") -> np.ndarray:
+def coil_maps(calib: np.ndarray, method: str = "lowres", white: np.ndarray | None = None) -> np.ndarray:
+    """Sensitivities (coils, nz, ny, nx) from calibration k-space.
+
+    ``white``: the prewhitening matrix W the data went through. The maps are then estimated in the
+    coils' own space, normalised to unit root-sum-of-squares there and whitened (W S), and scaled
+    by one global constant (their median root-sum-of-squares). Normalising the whitened maps
+    instead would divide PD by sqrt(S^H Psi^-1 S), a smooth profile of the noise covariance Psi
+    (0.85-1.16 over the brain of the simulated 8-coil head, PD NRMSE 0.085 on its own), so PD is
+    relative to the receive field as acquired (prescan-normalised on a scanner), not to the
+    noise-weighted one."""
+    if white is not None:
+        raw = np.einsum("dc,c...->d...", np.linalg.inv(white).astype(np.complex64), calib)
+        maps = np.einsum("dc,c...->d...", white.astype(np.complex64), coil_maps(raw, method))
+        rss = np.sqrt((np.abs(maps) ** 2).sum(0))
+        return (maps / max(float(np.median(rss)), 1e-30)).astype(np.complex64)
     if method == "espirit":
         return espirit_maps(calib)
     if method == "lowres":

@@ -323,6 +323,9 @@ def _add_settings_arguments(p: argparse.ArgumentParser, with_method=True) -> Non
                    help="coils per FFT batch in the fit; 0 = all (default; halved on GPU out-of-memory)")
     g.add_argument("--coil-subset", type=_int_at_least(0),
                    help="speed: coils drawn at random per fit step for the data terms; 0 = all (default)")
+    g.add_argument("--coil-refine", type=_int_at_least(0),
+                   help="network methods: refine the coil maps jointly, a smooth correction of this many "
+                        "central k-space coefficients per axis (default 8); 0 = off")
     g.add_argument("--amp", action="store_true", default=None,
                    help="speed: the fit's network MLPs in bfloat16 (for GPUs)")
     g.add_argument("--protocol", dest="recon_protocol", metavar="NAME_OR_YAML",
@@ -338,7 +341,7 @@ def settings_from_args(args) -> dict:
     """The settings mapping for gadget.recon_file / gadget.serve: only what was given."""
     names = dict(method="method", device="device", rank="rank", energy="energy", iterations="iterations",
                  coil_maps="coil_maps", virtual_coils="virtual_coils", coil_batch="coil_batch",
-                 coil_subset="coil_subset", amp="amp", recon_protocol="protocol",
+                 coil_subset="coil_subset", amp="amp", coil_refine="coil_refine", recon_protocol="protocol",
                  seed="seed", output_kind="output", images_2d="images_2d")
     out = {}
     for attr, name in names.items():

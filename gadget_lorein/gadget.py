@@ -68,6 +68,9 @@ Settings
     coil_subset        0            speed: coils drawn at random per fit step for the data terms
                                     (an unbiased estimate, fewer FFTs, a noisier fit); 0 = all
     amp                false        speed: the fit's network MLPs in bfloat16 (for GPUs; true/false)
+    coil_refine        8            lorein/pmr/lrr: the coil maps are refined jointly with the fit,
+                                    as a smooth correction (this many central k-space coefficients
+                                    per axis and coil); 0 = calibration maps as they are
     protocol           (empty)      sequence protocol: empty = the one in the data
                                     (userParameter lorein.protocol_yaml, else lorein.protocol /
                                     protocolName), else a shipped name (qalas, mrf) or a YAML path
@@ -177,6 +180,7 @@ def parse_settings(values: dict | None) -> tuple[recon.ReconSettings, GadgetSett
         ("virtual_coils", rs.virtual_coils >= 0, "must be >= 0 (0 = no compression)"),
         ("coil_batch", rs.coil_batch >= 0, "must be >= 0 (0 = all coils at once)"),
         ("coil_subset", rs.coil_subset >= 0, "must be >= 0 (0 = all coils every step)"),
+        ("coil_refine", rs.coil_refine >= 0, "must be >= 0 (0 = no coil-map refinement)"),
         ("support_threshold", 0.0 <= rs.support_threshold < 1.0, "must be in [0, 1)"),
         ("coil_maps", rs.coil_maps in COIL_MAPS, f"must be one of {', '.join(COIL_MAPS)}"),
     )

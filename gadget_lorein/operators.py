@@ -88,30 +88,44 @@ class SubspaceOperator:
         """A^H y as coefficient images (K, nz, ny, nx)."""
         return (self.maps.conj()[:, None] * ifftnc(self.b)).sum(0)
 
-    def loss_and_grad(self, x: torch.Tensor, coils: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_and_grad(self, x: torch.Tensor, coils: torch.Tensor | None = None,
+                      maps: torch.Tensor | None = None, maps_grad: bool = False):
         """||A X - y||^2 and its gradient 2 (A^H A X - A^H y) (torch's convention for a real
         function of complex X), one coil batch at a time; no autograd. With ``coils`` (indices of
         a subset of the coils) both are unbiased estimates: the subset's terms scaled by
-        (all coils) / (subset size), plus ||y||^2."""
+        (all coils) / (subset size), plus ||y||^2. ``maps`` replaces the operator's sensitivities
+        for this call; with ``maps_grad`` the gradient in the sensitivities, 2 sum_k conj(X_k)
+        F^H (Q F S X - B)_k, comes back as a third value (from the same inverse FFTs)."""
+        maps = self.maps if maps is None else maps
         with torch.no_grad():
             loss = torch.zeros((), device=x.device)
             grad = torch.zeros_like(x)
+            gmaps = torch.zeros_like(maps) if maps_grad else None
             for c in self._batches(coils):
-                k = self.coil_kspace(x, c)
+                k = fftnc(maps[c, None] * x[None])
                 r = self.apply_gram(k) - self.b[c]              # Q F S X - B
                 # <k, Qk> - 2 Re<k, B> = Re<k, Qk - B> - Re<k, B>
                 loss += (k.conj() * r).real.sum() - (k.conj() * self.b[c]).real.sum()
-                grad += 2 * (self.maps[c].conj()[:, None] * ifftnc(r)).sum(0)
+                ir = ifftnc(r)
+                grad += 2 * (maps[c].conj()[:, None] * ir).sum(0)
+                if maps_grad:
+                    gmaps[c] += 2 * (x.conj()[None] * ir).sum(1)
             if coils is not None:
-                scale = self.maps.shape[0] / len(coils)
+                scale = maps.shape[0] / len(coils)
                 loss, grad = loss * scale, grad * scale
+                gmaps = gmaps * scale if maps_grad else None
+            if maps_grad:
+                return loss + self.y_norm2, grad, gmaps
             return loss + self.y_norm2, grad
 
-    def data_loss(self, x: torch.Tensor, coils: torch.Tensor | None = None) -> torch.Tensor:
+    def data_loss(self, x: torch.Tensor, coils: torch.Tensor | None = None,
+                  maps: torch.Tensor | None = None) -> torch.Tensor:
         """||A X - y||^2, differentiable in X (gradient in closed form, see loss_and_grad); with
-        ``coils``, its unbiased estimate from that subset of the coils."""
-        return _DataLoss.apply(x, self, coils)
+        ``coils``, its unbiased estimate from that subset of the coils. ``maps``: sensitivities
+        to use instead of the operator's, differentiable too (joint coil refinement)."""
+        if maps is None:
+            return _DataLoss.apply(x, self, coils)
+        return _DataLossMaps.apply(x, maps, self, coils)
 
     def max_eig(self, iters: int = 20, seed: int = 0) -> float:
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -135,3 +149,16 @@ class _DataLoss(torch.autograd.Function):
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
         return g * grad, None, None
+
+
+class _DataLossMaps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, maps, op, coils):
+        loss, grad, gmaps = op.loss_and_grad(x.detach(), coils, maps.detach(), maps_grad=True)
+        ctx.save_for_backward(grad, gmaps)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        grad, gmaps = ctx.saved_tensors
+        return g * grad, g * gmaps, None, None

@@ -38,6 +38,7 @@ class ReconSettings:
     coil_batch: int = 0           # coils per FFT batch in the operator; 0 = all (halved on GPU OOM)
     coil_subset: int = 0          # speed: coils per fit step for the data terms (random); 0 = all
     amp: bool = False             # speed: the fit's network MLPs in bfloat16 (GPU)
+    coil_refine: int = 8          # network methods: coil maps refined jointly (low-frequency width); 0 = off
     protocol: str = ""            # override the protocol named in the data (name or YAML path)
     seed: int = 0                 # network initialisation and stochastic choices
     support_threshold: float = 0.08   # object support: low-res image above this x its 99th pct
@@ -129,20 +130,23 @@ def prepare(scan: Scan, settings: ReconSettings, timings: dict | None = None):
                          f"{lines.n_frames}")
     if not np.all(np.isfinite(lines.data)):
         raise ReconError("k-space data contains NaN or Inf values")
+    white = None
     with stage("prewhitening"):
         if scan.noise is not None and scan.noise.size:
-            lines = calibration.apply_coil_matrix(lines, calibration.whitening_matrix(scan.noise))
+            white = calibration.whitening_matrix(scan.noise)
+            lines = calibration.apply_coil_matrix(lines, white)
     with stage("subspace"):
         sub = build_subspace(proto, settings.rank or None, settings.energy, device="cpu")
     with stage("coil_maps"):
         basis = sub.basis.numpy()
         try:
             calib = calibration.calibration_kspace(lines, basis)
+            maps = calibration.coil_maps(calib, settings.coil_maps, white)
             if settings.virtual_coils:
                 cc = calibration.coil_compression(calib, settings.virtual_coils)
                 lines = calibration.apply_coil_matrix(lines, cc)
                 calib = np.einsum("dc,c...->d...", cc, calib)
-            maps = calibration.coil_maps(calib, settings.coil_maps)
+                maps = np.einsum("dc,c...->d...", cc, maps)
         except calibration.CalibrationError as err:
             raise ReconError(str(err)) from None
         low = np.sqrt((np.abs(ifftnc(torch.from_numpy(calib)).numpy()) ** 2).sum(0))
@@ -210,7 +214,8 @@ def _reconstruct(scan: Scan, settings: ReconSettings, progress=None) -> ReconRes
     with stage("fit"):
         if settings.method in ("lorein", "pmr", "lrr"):
             from . import lorein
-            config = lorein.FitConfig(coil_subset=settings.coil_subset, amp=settings.amp)
+            config = lorein.FitConfig(coil_subset=settings.coil_subset, amp=settings.amp,
+                                      coil_refine=settings.coil_refine)
             maps, fit_info = lorein.fit(settings.method, op, sub, support, proto.encodes_b1,
                                         iterations=settings.iterations, seed=settings.seed,
                                         progress=progress, config=config)

@@ -3,15 +3,18 @@
 the methods' defaults (what ``lorein recon --method NAME`` runs).
 
 Measured on 2 CPU cores (torch 2.13.0, seed 0), brain NRMSE T1 / T2 / PD:
-    zerofill 0.785 / 0.892 / 0.514      cg  0.532 / 0.720 / 0.416     llr 0.348 / 0.790 / 0.257
-    lrr      0.346 / 0.637 / 0.231      pmr 0.254 / 0.475 / 0.191     lorein 0.267 / 0.461 / 0.193
-LoREIN is far below every linear baseline and LRR alone. Against PMR alone (SUMMIT-like) this
-small case cannot decide: LoREIN is lower on T2 and 1-5 % higher on T1 and PD, while seeds of the
-same fit differ by more than that at this size (PMR brain T1 0.247 / 0.272 / 0.264 for seeds 0 / 1 /
-2 on the 8-coil variant), and so does the same fit on one thread instead of two. Issue #4's "lower
-than every baseline" therefore does not hold for PMR in this test; the comparison is reported in the
-message and checked as "within 10 %". At the benchmark's 64 x 64 x 48 it does not hold everywhere
-either (qalas R = 8, seed 0: LoREIN lower T2, equal PD, higher T1; see README, Benchmarks).
+    zerofill 0.785 / 0.892 / 0.496      cg  0.483 / 0.725 / 0.381     llr 0.348 / 0.784 / 0.226
+    lrr      0.220 / 0.557 / 0.132      pmr 0.215 / 0.461 / 0.116     lorein 0.196 / 0.449 / 0.114
+(before the coil maps were normalised before whitening and refined jointly: pmr 0.254 / 0.475 /
+0.191, lorein 0.267 / 0.461 / 0.193.) LoREIN is far below every linear baseline and LRR alone.
+Against PMR alone (SUMMIT-like) this small case cannot decide, although seed 0 happens to put
+LoREIN lower on all three maps: over seeds 0-8 (one thread each) LoREIN's brain T1 / T2 / PD were
+0.177 / 0.437 / 0.096 +- 0.028 / 0.043 / 0.015 and PMR's (seeds 0-9) 0.180 / 0.430 / 0.102 +- 0.025 /
+0.053 / 0.016; seed by seed LoREIN was lower on PD 7 times of 9, on T1 6, on T2 5, and the same
+fit on one thread instead of two moves by more than the gaps. Issue #4's "lower than every
+baseline" is therefore not asserted against PMR; the comparison is reported in the message and
+checked as "within 10 %". At the benchmark's sizes it does not hold everywhere either (README,
+Benchmarks).
 """
 from __future__ import annotations
 
@@ -20,10 +23,11 @@ import pytest
 from gadget_lorein import metrics, mrd, recon
 
 BASELINES = ("zerofill", "cg", "llr", "lrr")
-# LoREIN's brain NRMSE must stay below these (measured: 0.267 / 0.461 / 0.193); a fit that does not
-# move from its smoothed start gave about 0.53 / 0.90 / 0.33 (measured on the 8-coil variant of this
-# case), zero-filled matching gives 0.79 / 0.89 / 0.51 here
-LOREIN_LIMITS = {"T1": 0.32, "T2": 0.62, "PD": 0.23}
+# LoREIN's brain NRMSE must stay below these (measured: 0.196 / 0.449 / 0.114 at seed 0; the worst of
+# seeds 0-8 on one thread 0.216 / 0.508 / 0.118); a fit that does not move from its smoothed start
+# gave about 0.53 / 0.90 / 0.33 (measured on the 8-coil variant of this case), zero-filled matching
+# gives 0.79 / 0.89 / 0.50 here
+LOREIN_LIMITS = {"T1": 0.26, "T2": 0.57, "PD": 0.15}
 
 
 @pytest.fixture(scope="module")

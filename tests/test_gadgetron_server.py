@@ -71,7 +71,7 @@ def fail_reported(connection):
 
 LOREIN_DEFAULTS = {"method": "lorein", "device": "auto", "rank": "0", "energy": "0.999", "iterations": "0",
                    "coil_maps": "lowres", "virtual_coils": "0", "coil_batch": "0", "coil_subset": "0",
-                   "amp": "false", "output": "maps", "images_2d": "false",
+                   "amp": "false", "coil_refine": "8", "output": "maps", "images_2d": "false",
                    "protocol": "", "log_level": "INFO"}
 
 
