@@ -5,11 +5,13 @@ wall time and peak memory, on the simulated head phantom. Prints a Markdown tabl
     python benchmarks/accuracy.py --matrix 24 24 16 --qalas-accel 4 8 --mrf-accel   # quick
     python benchmarks/accuracy.py --seeds 4            # network methods: mean +- sd over 4 seeds
     python benchmarks/accuracy.py --b1-mismatch        # scan with a transmit field the model lacks
+    python benchmarks/accuracy.py --set coil_refine=0  # any reconstruction setting, for an ablation
 
 The network methods (lrr, pmr, lorein) start from random network weights; a single fit's NRMSE moves
 by a few hundredths with the seed (benchmarks/RESULTS.md), which is as large as the differences
-between them. ``--seeds N`` fits each of them with seeds 0..N-1 on the same simulated scan and
-prints the mean and the sample standard deviation; the linear methods are deterministic and run once.
+between them. ``--seeds N`` fits each of them with seeds 0..N-1 (``--first-seed S``: S..S+N-1) on
+the same simulated scan and prints the mean and the sample standard deviation; the linear methods
+are deterministic and run once.
 ``--b1-mismatch`` simulates a model mismatch (simulate.simulate's ``b1_mismatch``): the scan carries
 the phantom's transmit field, which the qalas reconstruction takes as nominal (mrf encodes B1, so
 it is unchanged there).
@@ -56,17 +58,36 @@ def main(argv=None):
     ap.add_argument("--b1-mismatch", action="store_true",
                     help="simulate qalas with the phantom's transmit field (0.8-1.2) in the signal, "
                          "which its reconstruction takes as 1: a model mismatch")
+    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                    help="a reconstruction setting (recon.ReconSettings) for every method, e.g. "
+                         "coil_refine=0; repeatable; named in the table's header")
     ap.add_argument("--seeds", type=int, default=1,
                     help="fit the network methods with this many seeds; mean +- sd (default 1)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="the network methods' seeds start here (default 0): runs split over machines")
     args = ap.parse_args(argv)
     if args.seeds < 1:
         ap.error("--seeds must be at least 1")
+    overrides = {}
+    for item in args.settings:
+        key, eq, val = item.partition("=")
+        if not eq or key not in recon.ReconSettings.__dataclass_fields__ or key in ("method", "seed"):
+            ap.error(f"--set {item!r}: want KEY=VALUE with KEY a reconstruction setting other than "
+                     f"method and seed (one of {', '.join(recon.ReconSettings.__dataclass_fields__)})")
+        overrides[key] = val
+    try:
+        recon.ReconSettings.from_mapping(overrides)
+    except recon.ReconError as err:
+        ap.error(f"--set: {err}")
     dev = recon.resolve_device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     print(f"# accuracy: matrix {args.matrix}, {args.coils} coils, noise {args.noise}, device {dev} "
           f"({name}), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
-          + (f"; {', '.join(SEEDED)}: mean +- sd over seeds 0-{args.seeds - 1}" if args.seeds > 1 else "")
-          + ("; B1 mismatch: the scan has the phantom's transmit field" if args.b1_mismatch else ""))
+          + (f"; {', '.join(SEEDED)}: mean +- sd over seeds {args.first_seed}-"
+             f"{args.first_seed + args.seeds - 1}" if args.seeds > 1 else "")
+          + (f"; {', '.join(SEEDED)}: seed {args.first_seed}" if args.seeds == 1 and args.first_seed else "")
+          + ("; B1 mismatch: the scan has the phantom's transmit field" if args.b1_mismatch else "")
+          + "".join(f"; {k}={v}" for k, v in overrides.items()))
     print("| sequence | R | method | T1 brain | T2 brain | PD brain | B1 brain | T1 tissue | T2 tissue "
           "| PD tissue | wall s | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -80,12 +101,13 @@ def main(argv=None):
         truth = sim.truth()
         for method in args.methods:
             runs = []
-            for seed in range(args.seeds if method in SEEDED else 1):
+            for seed in (range(args.first_seed, args.first_seed + args.seeds) if method in SEEDED else [0]):
                 t0 = time.perf_counter()
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
-                res = recon.reconstruct(sim.scan, recon.ReconSettings(
-                    method=method, device=args.device, iterations=args.iterations, seed=seed))
+                res = recon.reconstruct(sim.scan, recon.ReconSettings.from_mapping(dict(
+                    overrides, method=method, device=args.device, iterations=args.iterations,
+                    seed=seed)))
                 wall = time.perf_counter() - t0
                 mem = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
                        else peak_rss_mb())

@@ -24,6 +24,9 @@ def test_accuracy_table_with_seeds(capsys):
     # pmr: T1, T2, PD (brain) and T1, T2, PD (tissue) as mean +- sd over the two seeds
     assert len(re.findall(r"\d\.\d{3} \+- \d\.\d{3}", pmr)) == 6, pmr
     assert "mean +- sd over seeds 0-1" in out
+    acc.main(["--matrix", "12", "12", "8", "--qalas-accel", "8", "--mrf-accel", "--methods", "pmr",
+              "--iterations", "2", "--seeds", "2", "--first-seed", "3"])
+    assert "mean +- sd over seeds 3-4" in capsys.readouterr().out
 
 
 def test_accuracy_b1_mismatch_is_named_in_the_header(capsys):
@@ -31,6 +34,22 @@ def test_accuracy_b1_mismatch_is_named_in_the_header(capsys):
                            "--mrf-accel", "--methods", "cg", "--b1-mismatch"])
     out = capsys.readouterr().out
     assert "B1 mismatch" in out.splitlines()[0] and "| qalas | 8 | cg |" in out, out
+
+
+def test_accuracy_settings_reach_the_reconstruction(capsys, monkeypatch):
+    acc = load("accuracy")
+    seen = []
+    real = acc.recon.reconstruct
+    monkeypatch.setattr(acc.recon, "reconstruct", lambda scan, st: seen.append(st) or real(scan, st))
+    acc.main(["--matrix", "12", "12", "8", "--qalas-accel", "8", "--mrf-accel", "--methods", "pmr",
+              "--iterations", "2", "--set", "coil_refine=0", "--set", "virtual_coils=2"])
+    out = capsys.readouterr().out
+    assert [(s.coil_refine, s.virtual_coils, s.method) for s in seen] == [(0, 2, "pmr")]
+    assert "coil_refine=0; virtual_coils=2" in out.splitlines()[0], out
+    for bad in ("coil_refine", "nonsense=1", "seed=3", "coil_refine=abc"):
+        with pytest.raises(SystemExit):
+            acc.main(["--set", bad])
+        assert "--set" in capsys.readouterr().err
 
 
 def test_accuracy_rejects_zero_seeds(capsys):
