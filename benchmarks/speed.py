@@ -23,7 +23,7 @@ benchmarks/RESULTS.md.
    matching ceiling. Work models are stated in the table (minimal traffic / nominal FLOPs).
    The node path's fit is then repeated to 5x the iterations ('converged'; last but one, as it is
    the longest run).
-2b. Speed switches (``--variants coil_subset=8 virtual_coils=8 amp=1 ...``): the fit alone, in this
+2b. Speed switches (``--variants coil_subset=8 virtual_coils=8 amp=1 coil_refine=0 ...``): the fit alone, in this
    process, on the node path's scan, once per variant and once with the defaults (baseline): fit
    time, time per iteration, peak device memory and NRMSE, so each switch's cost in accuracy sits
    beside its gain.
@@ -514,7 +514,7 @@ def floors_section(args, dev, ctx: dict, ceil: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 
 VARIANT_KEYS = {"iterations": int, "virtual_coils": int, "coil_subset": int, "amp": int,
-                "coil_batch": int}
+                "coil_batch": int, "coil_refine": int}
 
 
 def parse_variant(spec: str) -> dict:
@@ -551,7 +551,8 @@ def variants_section(args, dev, ctx: dict) -> str:
             t = time.perf_counter()
             prepared[prep_key] = (recon.prepare(sim.scan, rs), time.perf_counter() - t)
         (_, sub, op, support, info), t_prep = prepared[prep_key]
-        cfg = lorein.FitConfig(coil_subset=kv.get("coil_subset", 0), amp=bool(kv.get("amp", 0)))
+        cfg = lorein.FitConfig(coil_subset=kv.get("coil_subset", 0), amp=bool(kv.get("amp", 0)),
+                               coil_refine=kv.get("coil_refine", lorein.FitConfig.coil_refine))
         iterations = kv.get("iterations", args.iterations or cfg.iterations)
         stamps = []
         if dev.type == "cuda":
@@ -572,7 +573,8 @@ def variants_section(args, dev, ctx: dict) -> str:
                      fmt_s(t_fit), fmt_s(per_it), mem] + nrmse_cells(out, truth, keys))
         print(" | ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
     lines = [f"Speed switches: the {args.method} fit alone on the same scan (seed 0), after prepare; "
-             "peak device memory of the fit. Every switch is off by default (recon.ReconSettings).", ""]
+             "peak device memory of the fit. Every speed switch is off by default and coil_refine is "
+             "on (8) by default (recon.ReconSettings).", ""]
     lines.append(table(["variant", "operator", "iterations", "fit time", "per iteration",
                         "peak device memory"] + nrmse_header(keys), rows))
     return "\n".join(lines)

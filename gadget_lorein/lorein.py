@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from . import baselines
+from .fft import ifftnc
 from .hashgrid import CoordinateNet, HashGridConfig
 from .operators import SubspaceOperator
 from .subspace import SubspaceModel
@@ -169,8 +170,6 @@ class CoilRefinement(torch.nn.Module):
 
     def __init__(self, maps0: torch.Tensor, width: int):
         super().__init__()
-        from .fft import ifftnc
-        self._ifft = ifftnc
         c, *shape = maps0.shape
         self.register_buffer("s0", maps0)
         self.register_buffer("s0_norm", (maps0.abs() ** 2).sum(0).clamp_min(1e-12))
@@ -192,7 +191,7 @@ class CoilRefinement(torch.nn.Module):
     def forward(self) -> torch.Tensor:
         k = torch.zeros_like(self.s0)
         k[(slice(None),) + self.index] = torch.stack(list(self.coef))
-        e = self._ifft(k) * self.gain
+        e = ifftnc(k) * self.gain
         along = (self.s0.conj() * e).sum(0) / self.s0_norm
         return self.s0 + e - self.s0 * along
 

@@ -67,16 +67,22 @@ def test_speed_node_path_table(capsys):
         assert stage in out, out
 
 
-def test_speed_variants_table(capsys):
+def test_speed_variants_table(capsys, monkeypatch):
     """--variants: a baseline row and one per switch, each with its NRMSE; a bad key is refused."""
     speed = load("speed")
+    refine, real_fit = [], speed.lorein.fit
+    monkeypatch.setattr(speed.lorein, "fit", lambda *a, config=None, **k:
+                        refine.append(config.coil_refine if config else None) or real_fit(*a, config=config, **k))
     speed.main(["--matrix", "16", "16", "12", "--coils", "4", "--iterations", "3", "--no-converged",
-                "--no-floors", "--in-process", "--variants", "coil_subset=2,amp=1", "virtual_coils=2"])
+                "--no-floors", "--in-process", "--variants", "coil_subset=2,amp=1", "virtual_coils=2",
+                "coil_refine=0"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| baseline") or
-            line.startswith("| coil_subset=2,amp=1") or line.startswith("| virtual_coils=2")]
-    assert len(rows) == 3, out
+            line.startswith("| coil_subset=2,amp=1") or line.startswith("| virtual_coils=2") or
+            line.startswith("| coil_refine=0")]
+    assert len(rows) == 4, out
     assert "| 2 coils" in rows[2], rows
+    assert refine[-4:] == [8, 8, 8, 0], refine          # each variant's fit got its coil_refine
     with pytest.raises(SystemExit):
         speed.main(["--variants", "warp=9"])
     assert "KEY=VALUE with KEY one of" in capsys.readouterr().err
