@@ -69,9 +69,11 @@ class SubspaceOperator:
         return [coils[i:i + step] for i in range(0, c, step)]
 
     # coefficient images <-> coefficient k-space
-    def coil_kspace(self, x: torch.Tensor, coils: slice = slice(None)) -> torch.Tensor:
-        """F(S_c X_k): (C, K, nz, ny, nx) from X (K, nz, ny, nx) (the coils asked)."""
-        return fftnc(self.maps[coils, None] * x[None])
+    def coil_kspace(self, x: torch.Tensor, coils: slice = slice(None),
+                    maps: torch.Tensor | None = None) -> torch.Tensor:
+        """F(S_c X_k): (C, K, nz, ny, nx) from X (K, nz, ny, nx) (the coils asked; ``maps``
+        instead of the operator's sensitivities if given)."""
+        return fftnc((self.maps if maps is None else maps)[coils, None] * x[None])
 
     def apply_gram(self, k: torch.Tensor) -> torch.Tensor:
         """Q applied over K at every (kz, ky): k is (C, K, nz, ny, nx)."""
@@ -102,7 +104,7 @@ class SubspaceOperator:
             grad = torch.zeros_like(x)
             gmaps = torch.zeros_like(maps) if maps_grad else None
             for c in self._batches(coils):
-                k = fftnc(maps[c, None] * x[None])
+                k = self.coil_kspace(x, c, maps)
                 r = self.apply_gram(k) - self.b[c]              # Q F S X - B
                 # <k, Qk> - 2 Re<k, B> = Re<k, Qk - B> - Re<k, B>
                 loss += (k.conj() * r).real.sum() - (k.conj() * self.b[c]).real.sum()
