@@ -326,6 +326,20 @@ def _add_settings_arguments(p: argparse.ArgumentParser, with_method=True) -> Non
     g.add_argument("--coil-refine", type=_int_at_least(0),
                    help="network methods: refine the coil maps jointly, a smooth correction of this many "
                         "central k-space coefficients per axis (default 8); 0 = off")
+    g.add_argument("--couple-weight", type=_float_range(0.0),
+                   help="lorein: weight of the coupling between its two blocks (default 0.1)")
+    g.add_argument("--grid-levels", type=_int_at_least(1), help="network methods: hash-grid levels (default 12)")
+    g.add_argument("--grid-features", type=_int_at_least(1), help="features per hash-grid level (default 2)")
+    g.add_argument("--grid-log2-table", type=_int_at_least(0),
+                   help="log2 of the hash-table entries per level (10-24); 0 = from the voxel count (default)")
+    g.add_argument("--grid-base", type=_int_at_least(1), help="coarsest hash-grid resolution (default 4)")
+    g.add_argument("--grid-finest", type=_int_at_least(0),
+                   help="finest hash-grid resolution; 0 = the largest matrix dimension (default)")
+    g.add_argument("--mlp-width", type=_int_at_least(1), help="hidden units per MLP layer (default 64)")
+    g.add_argument("--mlp-layers", type=_int_at_least(0), help="hidden MLP layers (default 2)")
+    g.add_argument("--support-threshold", type=_float_range(0.0, 1.0),
+                   help="object support: low-resolution image above this fraction of its 99th "
+                        "percentile (default 0.08; below 1)")
     g.add_argument("--amp", action="store_true", default=None,
                    help="speed: the fit's network MLPs in bfloat16 (for GPUs)")
     g.add_argument("--protocol", dest="recon_protocol", metavar="NAME_OR_YAML",
@@ -342,7 +356,10 @@ def settings_from_args(args) -> dict:
     names = dict(method="method", device="device", rank="rank", energy="energy", iterations="iterations",
                  coil_maps="coil_maps", virtual_coils="virtual_coils", coil_batch="coil_batch",
                  coil_subset="coil_subset", amp="amp", coil_refine="coil_refine", recon_protocol="protocol",
-                 seed="seed", output_kind="output", images_2d="images_2d")
+                 seed="seed", output_kind="output", images_2d="images_2d", couple_weight="couple_weight",
+                 grid_levels="grid_levels", grid_features="grid_features",
+                 grid_log2_table="grid_log2_table", grid_base="grid_base", grid_finest="grid_finest",
+                 mlp_width="mlp_width", mlp_layers="mlp_layers", support_threshold="support_threshold")
     out = {}
     for attr, name in names.items():
         v = getattr(args, attr, None)

@@ -71,6 +71,17 @@ Settings
     coil_refine        8            lorein/pmr/lrr: the coil maps are refined jointly with the fit,
                                     as a smooth correction (this many central k-space coefficients
                                     per axis and coil); 0 = calibration maps as they are
+    couple_weight      0.1          lorein: weight of the coupling between the PMR block's
+                                    coefficients and the LRR block's (relative to the data terms;
+                                    see gadget_lorein/lorein.py); 0 = two independent blocks
+    grid_levels        12           lorein/pmr/lrr, both coordinate networks: hash-grid levels
+    grid_features      2            features per hash-grid level
+    grid_log2_table    0            log2 of the hash-table entries per level (10-24); 0 = from
+                                    the voxel count (2^12 to 2^19)
+    grid_base          4            coarsest hash-grid resolution (cells per axis)
+    grid_finest        0            finest hash-grid resolution; 0 = the largest matrix dimension
+    mlp_width          64           hidden units per layer of the networks' MLP heads
+    mlp_layers         2            hidden layers of the MLP heads (0 = a linear head)
     protocol           (empty)      sequence protocol: empty = the one in the data
                                     (userParameter lorein.protocol_yaml, else lorein.protocol /
                                     protocolName), else a shipped name (qalas, mrf) or a YAML path
@@ -89,13 +100,14 @@ Settings
                                     ERROR (the chain's external-gadget log goes to Gadgetron's log)
     ================== ============ ==============================================================
 
-    The first twelve are ``recon.ReconSettings`` (their defaults are that class's; the same names as
-    ``lorein recon``'s options); the last three belong to the gadget. The shipped chains
-    (config_xml/*.xml) set some of them explicitly (e.g. coil_maps espirit).
+    All but the last three are ``recon.ReconSettings`` (their defaults are that class's; the same names as
+    ``lorein recon``'s options, with - for _); the last three belong to the gadget. The shipped
+    chains (config_xml/*.xml) list most of them with their defaults.
 """
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import struct
 import time
@@ -181,6 +193,17 @@ def parse_settings(values: dict | None) -> tuple[recon.ReconSettings, GadgetSett
         ("coil_batch", rs.coil_batch >= 0, "must be >= 0 (0 = all coils at once)"),
         ("coil_subset", rs.coil_subset >= 0, "must be >= 0 (0 = all coils every step)"),
         ("coil_refine", rs.coil_refine >= 0, "must be >= 0 (0 = no coil-map refinement)"),
+        ("couple_weight", math.isfinite(rs.couple_weight) and rs.couple_weight >= 0,
+         "must be a finite number >= 0"),
+        ("grid_levels", 1 <= rs.grid_levels <= 32, "must be in 1..32"),
+        ("grid_features", 1 <= rs.grid_features <= 16, "must be in 1..16"),
+        ("grid_log2_table", rs.grid_log2_table == 0 or 10 <= rs.grid_log2_table <= 24,
+         "must be 0 (automatic) or in 10..24"),
+        ("grid_base", rs.grid_base >= 1, "must be >= 1"),
+        ("grid_finest", rs.grid_finest == 0 or rs.grid_finest >= rs.grid_base,
+         f"must be 0 (the matrix size) or >= grid_base ({rs.grid_base})"),
+        ("mlp_width", rs.mlp_width >= 1, "must be >= 1"),
+        ("mlp_layers", 0 <= rs.mlp_layers <= 16, "must be in 0..16"),
         ("support_threshold", 0.0 <= rs.support_threshold < 1.0, "must be in [0, 1)"),
         ("coil_maps", rs.coil_maps in COIL_MAPS, f"must be one of {', '.join(COIL_MAPS)}"),
     )

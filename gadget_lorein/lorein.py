@@ -79,6 +79,14 @@ class FitConfig:
     amp: bool = False                # speed: the networks' MLPs in bfloat16 (autocast); meant for GPUs
     coil_refine: int = 8             # refine the coil maps jointly: low-frequency block width; 0 = off
     coil_lr: float = 2e-3            # Adam step of the coil-map correction
+    # the coordinate networks (both blocks): hash grid and MLP head; 0 = chosen from the volume
+    grid_levels: int = 12            # resolution levels of the hash grid
+    grid_features: int = 2           # features per level
+    grid_log2_table: int = 0         # log2 of the table entries per level; 0 = from the voxel count
+    grid_base: int = 4               # coarsest grid resolution (cells per axis)
+    grid_finest: int = 0             # finest grid resolution; 0 = finest_fraction x the matrix
+    mlp_width: int = 64              # hidden units per MLP layer
+    mlp_layers: int = 2              # hidden MLP layers (0: a linear head on the encoding)
 
 
 def _p99(x: torch.Tensor) -> float:
@@ -249,11 +257,16 @@ def _tv(maps: dict, support: torch.Tensor) -> torch.Tensor:
 
 
 def grid_config(support: torch.Tensor, cfg: FitConfig) -> HashGridConfig:
-    """Hash grid of both networks: finest level at ``finest_fraction`` of the matrix; tables no
-    larger than the voxels can use (at least 2**12, at most 2**19 entries per level)."""
-    finest = max(8, int(cfg.finest_fraction * max(support.shape)))
-    log2_table = int(min(19, max(12, math.ceil(math.log2(max(int(support.sum()), 2))) + 1)))
-    return HashGridConfig(finest_resolution=finest, log2_table=log2_table)
+    """Hash grid and MLP of both networks, from the FitConfig's ``grid_*`` / ``mlp_*`` fields.
+    Automatic (0) choices: finest level at ``finest_fraction`` of the matrix (at least 8, and not
+    below the base); tables no larger than the voxels can use (at least 2**12, at most 2**19
+    entries per level)."""
+    finest = cfg.grid_finest or max(8, cfg.grid_base, int(cfg.finest_fraction * max(support.shape)))
+    log2_table = cfg.grid_log2_table or \
+        int(min(19, max(12, math.ceil(math.log2(max(int(support.sum()), 2))) + 1)))
+    return HashGridConfig(levels=cfg.grid_levels, features=cfg.grid_features, log2_table=log2_table,
+                          base_resolution=cfg.grid_base, finest_resolution=finest,
+                          hidden=cfg.mlp_width, hidden_layers=cfg.mlp_layers)
 
 
 def support_coords(support: torch.Tensor) -> torch.Tensor:

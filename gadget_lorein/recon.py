@@ -39,6 +39,14 @@ class ReconSettings:
     coil_subset: int = 0          # speed: coils per fit step for the data terms (random); 0 = all
     amp: bool = False             # speed: the fit's network MLPs in bfloat16 (GPU)
     coil_refine: int = 8          # network methods: coil maps refined jointly (low-frequency width); 0 = off
+    couple_weight: float = 0.1    # lorein: weight of the PMR-LRR coupling term (lorein.py)
+    grid_levels: int = 12         # network methods: hash-grid resolution levels
+    grid_features: int = 2        # network methods: features per level
+    grid_log2_table: int = 0      # network methods: log2 table entries per level; 0 = from the voxels
+    grid_base: int = 4            # network methods: coarsest grid resolution
+    grid_finest: int = 0          # network methods: finest grid resolution; 0 = the matrix size
+    mlp_width: int = 64           # network methods: hidden units per MLP layer
+    mlp_layers: int = 2           # network methods: hidden MLP layers
     protocol: str = ""            # override the protocol named in the data (name or YAML path)
     seed: int = 0                 # network initialisation and stochastic choices
     support_threshold: float = 0.08   # object support: low-res image above this x its 99th pct
@@ -214,8 +222,7 @@ def _reconstruct(scan: Scan, settings: ReconSettings, progress=None) -> ReconRes
     with stage("fit"):
         if settings.method in ("lorein", "pmr", "lrr"):
             from . import lorein
-            config = lorein.FitConfig(coil_subset=settings.coil_subset, amp=settings.amp,
-                                      coil_refine=settings.coil_refine)
+            config = fit_config(settings)
             maps, fit_info = lorein.fit(settings.method, op, sub, support, proto.encodes_b1,
                                         iterations=settings.iterations, seed=settings.seed,
                                         progress=progress, config=config)
@@ -232,6 +239,17 @@ def _reconstruct(scan: Scan, settings: ReconSettings, progress=None) -> ReconRes
     out, sup = finish_maps(maps, support)
     info["method"] = settings.method
     return ReconResult(out, sup, timings, info)
+
+
+# the ReconSettings that are lorein.FitConfig fields of the same name (same defaults: a test checks)
+FIT_SETTINGS = ("coil_subset", "amp", "coil_refine", "couple_weight", "grid_levels", "grid_features",
+                "grid_log2_table", "grid_base", "grid_finest", "mlp_width", "mlp_layers")
+
+
+def fit_config(settings: ReconSettings):
+    """The network methods' lorein.FitConfig for these settings."""
+    from . import lorein
+    return lorein.FitConfig(**{name: getattr(settings, name) for name in FIT_SETTINGS})
 
 
 def finish_maps(maps: dict, support: torch.Tensor) -> tuple[dict, np.ndarray]:

@@ -216,3 +216,20 @@ def test_serve_port_in_use():
         s.bind(("", 0))
         s.listen()
         assert_usage_error(run("serve", "--port", s.getsockname()[1]), "cannot listen", "in use")
+
+
+def test_every_reconstruction_setting_is_an_option():
+    """recon and serve take every recon.ReconSettings field as --name-with-dashes (protocol as
+    --protocol), and settings_from_args passes it on under the setting's own name."""
+    from dataclasses import fields
+    values = {"method": "pmr", "device": "cpu", "coil_maps": "espirit", "protocol": "qalas", "amp": None}
+    for command in ("recon", "serve"):
+        argv = [command] + (["in.h5", "-o", "out.h5"] if command == "recon" else [])
+        expect = {}
+        for f in fields(recon.ReconSettings):
+            opt = "--" + f.name.replace("_", "-")
+            val = values.get(f.name, "3" if f.type in ("int", int) else "0.5")
+            argv += [opt] if val is None else [opt, val]
+            expect[f.name] = True if val is None else type(getattr(recon.ReconSettings(), f.name))(val)
+        got = cli.settings_from_args(cli.build_parser().parse_args(argv))
+        assert {k: got[k] for k in expect} == expect

@@ -354,3 +354,31 @@ def test_speed_switch_settings_are_parsed_and_checked():
     assert gadget.parse_settings({})[0].amp is False
     with pytest.raises(gadget.SettingsError, match="coil_subset=-1 must be >= 0"):
         gadget.parse_settings({"coil_subset": "-1"})
+
+
+def test_network_settings_are_parsed_and_checked():
+    rs, _ = gadget.parse_settings({"couple_weight": "0.3", "grid_levels": "8", "grid_features": "4",
+                                   "grid_log2_table": "14", "grid_base": "2", "grid_finest": "32",
+                                   "mlp_width": "32", "mlp_layers": "1"})
+    assert (rs.couple_weight, rs.grid_levels, rs.grid_features, rs.grid_log2_table, rs.grid_base,
+            rs.grid_finest, rs.mlp_width, rs.mlp_layers) == (0.3, 8, 4, 14, 2, 32, 32, 1)
+    for bad, why in ((("couple_weight", "-1"), "couple_weight=-1.0 must be a finite number >= 0"),
+                     (("couple_weight", "nan"), "couple_weight=nan must be a finite number"),
+                     (("grid_levels", "0"), "grid_levels=0 must be in 1..32"),
+                     (("grid_log2_table", "5"), r"grid_log2_table=5 must be 0 \(automatic\) or in 10..24"),
+                     (("grid_finest", "2"), r"grid_finest=2 must be 0 \(the matrix size\) or >= grid_base \(4\)"),
+                     (("mlp_layers", "-1"), "mlp_layers=-1 must be in 0..16")):
+        with pytest.raises(gadget.SettingsError, match=why):
+            gadget.parse_settings(dict([bad]))
+    with pytest.raises(recon.ReconError, match="grid_levels='x' is not a valid int"):
+        gadget.parse_settings({"grid_levels": "x"})
+
+
+@pytest.mark.parametrize("chain", [LOREIN_XML, CONNECT_XML], ids=lambda p: p.name)
+def test_chain_properties_are_the_defaults(chain):
+    """The shipped chains list the reconstruction settings with the values the code defaults to."""
+    props = read_chain(chain).properties
+    default = recon.ReconSettings()
+    listed = {k: v for k, v in props.items() if k in gadget.RECON_SETTING_NAMES}
+    assert set(listed) >= set(gadget.RECON_SETTING_NAMES) - {"seed"}, sorted(listed)
+    assert recon.ReconSettings.from_mapping(listed) == default

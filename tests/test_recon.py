@@ -23,6 +23,36 @@ def test_settings_empty_value_means_default_and_bad_values_are_named():
         recon.ReconSettings.from_mapping({"method": "foo"})
 
 
+def test_network_settings_reach_the_fit(tiny):
+    """The ReconSettings named in recon.FIT_SETTINGS are lorein.FitConfig's fields with the same
+    defaults, and the hash-grid / MLP settings build the networks the fit uses."""
+    from gadget_lorein import lorein
+    assert recon.fit_config(recon.ReconSettings()) == lorein.FitConfig()
+    rs = recon.ReconSettings(method="pmr", couple_weight=0.5, grid_levels=6, grid_features=4,
+                             grid_log2_table=11, grid_base=2, grid_finest=10, mlp_width=16, mlp_layers=1)
+    cfg = recon.fit_config(rs)
+    assert (cfg.couple_weight, cfg.grid_levels) == (0.5, 6)
+    grid = lorein.grid_config(torch.ones((12, 16, 16), dtype=torch.bool), cfg)
+    assert (grid.levels, grid.features, grid.log2_table, grid.base_resolution, grid.finest_resolution,
+            grid.hidden, grid.hidden_layers) == (6, 4, 11, 2, 10, 16, 1)
+    auto = lorein.grid_config(torch.ones((12, 16, 16), dtype=torch.bool), lorein.FitConfig())
+    assert (auto.finest_resolution, auto.log2_table) == (16, 13)      # the matrix; 3072 voxels -> 2^13
+    built = []
+    real = lorein.CoordinateNet
+
+    def spy(out_dim, cfg=None, seed=0):
+        built.append(cfg)
+        return real(out_dim, cfg, seed)
+    with mock.patch.object(lorein, "CoordinateNet", spy):
+        res = recon.reconstruct(tiny.scan, replace_settings(rs, iterations=3))
+    assert res.info["iterations"] == 3 and built and all(c == grid for c in built), built
+
+
+def replace_settings(rs, **kw):
+    from dataclasses import replace
+    return replace(rs, **kw)
+
+
 def test_out_of_gpu_memory_halves_the_coil_batch_before_the_cpu(tiny, caplog):
     """4 coils: batches of 2, then 1, then the CPU; a batch that fits ends the descent there."""
     from dataclasses import replace
