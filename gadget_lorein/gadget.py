@@ -56,7 +56,7 @@ Settings
     rank               0            subspace rank K; 0 = the smallest K capturing ``energy``
     energy             0.999        dictionary energy the subspace must capture when rank = 0
                                     (0 < energy <= 1)
-    iterations         0            iterations of the method; 0 = its default (lorein/pmr/lrr 300
+    iterations         0            iterations of the method; 0 = its default (lorein/pmr/lrr 1200
                                     with early stop, cg 30, llr 80)
     coil_maps          lowres       coil sensitivities from the calibration region: lowres
                                     (windowed low-resolution images) or espirit (needs a
