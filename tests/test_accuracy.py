@@ -11,7 +11,8 @@ lucky initialisation: over seeds 0-3 (one thread each, 1200 iterations) LoREIN's
 was 0.105 / 0.288 / 0.062 against PMR's 0.123 / 0.339 / 0.074, lower in 11 of the 12 seed-map
 pairs (seed 0's T2: 0.304 vs 0.296). At the previous default of 300 iterations neither network
 had converged and the two tied (LoREIN 0.171 / 0.452 / 0.095, PMR 0.181 / 0.459 / 0.107, same
-seeds); see gadget_lorein/lorein.py.
+seeds); see gadget_lorein/lorein.py. At the benchmark's 64 x 64 x 48 (seed 0, 1200 iterations) the two
+tie instead: LoREIN 0.060 / 0.177 / 0.032, PMR 0.059 / 0.157 / 0.033 (README, Benchmarks).
 """
 from __future__ import annotations
 
