@@ -32,8 +32,21 @@
   .171/.452/.095 -> .141/.352/.076 -> .105/.288/.062; at 1200 LoREIN was lower than PMR on every
   map in seeds 1-3 and on T1 and PD in seed 0 (T2 .304 vs .296), its seed spread also the smaller
   (T2 sd .015 vs .053). A larger step does not buy the same in fewer iterations (lr 4e-2 over 600:
-  LoREIN seed 0 .189/.380/.090, worse than 2e-2). The cost is time: 4x the fit of the 300-step
-  default (``iterations`` trades it back).
+  LoREIN seed 0 .189/.380/.090, worse than 2e-2). At 64x64x48 (8 coils, seed 0) both gain about
+  40 % from 300 to 1200 and tie there (LoREIN .060/.177/.032, PMR .059/.157/.033; PMR .065/.148/
+  .034 at 600). The cost is time: 4x the fit of the 300-step default (``iterations`` trades it
+  back).
+- Optimiser: Adam with torch's defaults (eps 1e-8, beta2 0.999; ``adam_eps``, ``adam_beta2``).
+  The losses are relative to ||y||^2 and the hash features start at ~1e-4, so the first MLP
+  layer's gradients are ~1e-8 at the start, at eps: Adam damps those steps. Instant-NGP's eps
+  1e-15 with beta2 0.99 was tried (2026-12-01) and not kept: on test_data/qalas_small (one thread,
+  1200 iterations, seeds 0-3, brain T1/T2/PD mean) it helped, PMR .099/.326/.061 -> .093/.245/.059
+  and LoREIN .101/.285/.061 -> .097/.224/.058; but at the benchmark's 64x64x48 (qalas R=8, seed 0)
+  both got worse, PMR .059/.157/.033 -> .070/.189/.042 and LoREIN .060/.177/.032 -> .071/.205/.040
+  (a faster optimiser fits more noise in the same 1200 steps: the iteration count acts as a
+  regulariser whose best value moves with the volume); and at eps 1e-15 float-rounding-sized
+  gradients get full steps (a coil-batched fit no longer matched an unbatched one). eps 1e-10 with
+  beta2 0.999 on qalas_small: PMR .100/.314/.063, LoREIN .120/.285/.070, no better.
 - B1 (where the protocol encodes it) is a smooth transmit field: it comes from a coarse trilinear
   control grid (``b1_grid`` points per axis) on top of a strongly smoothed start, not from the
   network (measured at mrf, 24x24x16: brain B1 NRMSE 0.24 -> 0.15).
@@ -73,6 +86,8 @@ log = logging.getLogger(__name__)
 class FitConfig:
     iterations: int = 1200           # see the module docstring: the fits keep improving to here
     lr: float = 2e-2
+    adam_eps: float = 1e-8           # torch's Adam defaults; Instant-NGP's 1e-15 / 0.99 were
+    adam_beta2: float = 0.999        # tried and not kept (module docstring, Optimiser)
     couple_weight: float = 0.1       # see the module docstring for the sweep
     init_cg_iterations: int = 20
     init: str = "cg"          # linear estimate the maps start from: zerofill | cg
@@ -343,7 +358,7 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
     groups = [dict(params=params)]
     if coil_model is not None:
         groups.append(dict(params=list(coil_model.parameters()), lr=cfg.coil_lr))
-    opt = torch.optim.Adam(groups, lr=cfg.lr)
+    opt = torch.optim.Adam(groups, lr=cfg.lr, eps=cfg.adam_eps, betas=(0.9, cfg.adam_beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, iterations) / iterations)))
     best, best_it, history = float("inf"), 0, []

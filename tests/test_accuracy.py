@@ -6,6 +6,9 @@ deterministic for a given thread count; the numbers below are these on any machi
 Measured (torch 2.13.0, seed 0, two threads, 1200 iterations), brain NRMSE T1 / T2 / PD:
     zerofill 0.785 / 0.892 / 0.496      cg  0.483 / 0.725 / 0.381     llr 0.348 / 0.784 / 0.226
     lrr      0.201 / 0.547 / 0.128      pmr 0.102 / 0.288 / 0.063     lorein 0.074 / 0.187 / 0.046
+On the AVX-512 machine of 2026-12-01 (the same code; other vector kernels, other float rounding,
+so other fits) the same test measured lrr 0.185 / 0.530 / 0.119, pmr 0.100 / 0.198 / 0.062,
+lorein 0.087 / 0.197 / 0.053: LoREIN still lowest, but on T2 by 0.001.
 LoREIN is below every baseline on every map, PMR alone (SUMMIT-like) included. That is not one
 lucky initialisation: over seeds 0-3 (one thread each, 1200 iterations) LoREIN's mean brain NRMSE
 was 0.105 / 0.288 / 0.062 against PMR's 0.123 / 0.339 / 0.074, lower in 11 of the 12 seed-map

@@ -80,11 +80,25 @@ def test_out_of_gpu_memory_halves_the_coil_batch_before_the_cpu(tiny, caplog):
 
 
 def test_coil_batches_give_the_same_fit(tiny):
-    """The operator's coil batching changes memory, not results (closed-form gradient included)."""
+    """The operator's coil batching changes memory, not results: the data term, its gradient in X
+    and in the coil maps agree to float rounding, and so does a short fit, but for the odd voxel
+    whose map sits where a bounded output saturates. (There the rounding of the other summation
+    order grows over the steps: on an AVX-512 machine one of 3072 voxels, T1 103.0 vs 103.6 ms at
+    the range's lower end, after 5 steps.)"""
+    _, _, op, _, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lorein"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(op.adjoint_data().shape, generator=g, dtype=torch.complex64)
+    whole = op.loss_and_grad(x, maps_grad=True)
+    op.coil_batch = 1
+    batched = op.loss_and_grad(x, maps_grad=True)
+    for u, v in zip(whole, batched):
+        torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-5 * float(u.abs().max()))
     a = recon.reconstruct(tiny.scan, recon.ReconSettings(method="lorein", iterations=5))
     b = recon.reconstruct(tiny.scan, recon.ReconSettings(method="lorein", iterations=5, coil_batch=1))
     for k in a.maps:
-        np.testing.assert_allclose(a.maps[k], b.maps[k], rtol=1e-3, atol=1e-3 * np.abs(a.maps[k]).max())
+        close = np.isclose(a.maps[k], b.maps[k], rtol=1e-3, atol=1e-3 * np.abs(a.maps[k]).max())
+        worst = np.max(np.abs(a.maps[k] - b.maps[k])) / np.abs(a.maps[k]).max()
+        assert close.mean() > 0.999 and worst < 0.01, (k, close.mean(), worst)
 
 
 def test_nan_in_data_is_refused(tiny):
@@ -196,3 +210,20 @@ def test_coil_maps_keep_pd_free_of_the_noise_covariance():
     err = metrics.map_errors(res.maps, truth, "tissue")["PD"]
     # maps normalised after whitening (the profile sqrt(S^H Psi^-1 S) in PD) gave 0.117 here
     assert err < 0.04, f"tissue PD NRMSE {err:.3f}"
+
+
+def test_the_fit_uses_the_configured_adam_settings(tiny):
+    """adam_eps / adam_beta2 reach the optimiser (lorein.py's docstring: why the defaults)."""
+    from gadget_lorein import lorein
+    seen = []
+    real = torch.optim.Adam
+
+    def spy(*args, **kw):
+        seen.append(kw)
+        return real(*args, **kw)
+    with mock.patch.object(torch.optim, "Adam", spy):
+        _, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="pmr"))
+        lorein.fit("pmr", op, sub, support, False, iterations=2,
+                   config=lorein.FitConfig(adam_eps=1e-12, adam_beta2=0.99))
+    assert seen and seen[0]["eps"] == 1e-12 and seen[0]["betas"] == (0.9, 0.99)
+    assert (lorein.FitConfig().adam_eps, lorein.FitConfig().adam_beta2) == (1e-8, 0.999)
