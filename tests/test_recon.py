@@ -87,7 +87,7 @@ def test_coil_batches_give_the_same_fit(tiny):
     the range's lower end, after 5 steps.)"""
     _, _, op, _, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lorein"))
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(op.adjoint_data().shape, generator=g, dtype=torch.complex64)
+    x = torch.randn((op.K,) + op.shape, generator=g, dtype=torch.complex64)
     whole = op.loss_and_grad(x, maps_grad=True)
     op.coil_batch = 1
     batched = op.loss_and_grad(x, maps_grad=True)
