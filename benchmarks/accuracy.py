@@ -1,5 +1,7 @@
 """Accuracy benchmark: method x sequence x acceleration -> NRMSE of each map (brain and tissue),
-wall time and peak memory, on the simulated head phantom. Prints a Markdown table.
+wall time and peak memory, on the simulated head phantom. Prints a Markdown table. Peak memory is
+each reconstruction's own: the GPU's allocator peak, or on the CPU the process's resident-set
+high-water mark reset before it (Linux; elsewhere the process's peak so far, simulation included).
 
     python benchmarks/accuracy.py                      # the issue's case: 64x64x48, 8 coils
     python benchmarks/accuracy.py --matrix 24 24 16 --qalas-accel 4 8 --mrf-accel   # quick
@@ -40,7 +42,27 @@ def summarise(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-set high-water mark (Linux: /proc/self/clear_refs), so that
+    each reconstruction's peak is its own rather than the largest so far (the phantom's simulation
+    included). False where the system cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
+    """Peak resident set since the last reset_peak_rss (VmHWM), else the process's getrusage peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -105,6 +127,8 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
+                else:
+                    reset_peak_rss()
                 res = recon.reconstruct(sim.scan, recon.ReconSettings.from_mapping(dict(
                     overrides, method=method, device=args.device, iterations=args.iterations,
                     seed=seed)))

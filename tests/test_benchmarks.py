@@ -52,6 +52,19 @@ def test_accuracy_settings_reach_the_reconstruction(capsys, monkeypatch):
         assert "--set" in capsys.readouterr().err
 
 
+def test_accuracy_peak_memory_is_each_reconstructions_own():
+    """The table's CPU peak memory is reset before each reconstruction: a large, freed block
+    before it (as the phantom's simulation was) no longer shows in it."""
+    import numpy as np
+    acc = load("accuracy")
+    block = np.ones(300 * 2 ** 20, np.uint8)          # 300 MB, touched
+    before = acc.peak_rss_mb()
+    del block
+    assert acc.reset_peak_rss(), "this Linux kernel lets a process reset its VmHWM"
+    after = acc.peak_rss_mb()
+    assert after < before - 200, (before, after)
+
+
 def test_accuracy_rejects_zero_seeds(capsys):
     with pytest.raises(SystemExit):
         load("accuracy").main(["--seeds", "0"])
