@@ -44,6 +44,7 @@ def summarise(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
 
 
+# the table's map columns: (0 brain | 1 tissue, map)
 MAPS = [(0, "T1"), (0, "T2"), (0, "PD"), (0, "B1"), (1, "T1"), (1, "T2"), (1, "PD")]
 
 
@@ -163,8 +164,8 @@ def main(argv=None):
                                  for i in (0, 1))
             wall = statistics.mean(r[2] for r in runs)
             mem = max(r[3] for r in runs)
-            print(f"| {seq} | {R:g} | {method} | {f(0,'T1')} | {f(0,'T2')} | {f(0,'PD')} | {f(0,'B1')} "
-                  f"| {f(1,'T1')} | {f(1,'T2')} | {f(1,'PD')} | {wall:.1f} | {mem:.0f} |", flush=True)
+            print(f"| {seq} | {R:g} | {method} | " + " | ".join(f(i, k) for i, k in MAPS)
+                  + f" | {wall:.1f} | {mem:.0f} |", flush=True)
         if len(case) > 1:
             print(lowest_row(seq, R, case), flush=True)
 
