@@ -328,6 +328,9 @@ def _add_settings_arguments(p: argparse.ArgumentParser, with_method=True) -> Non
                         "central k-space coefficients per axis (default 8); 0 = off")
     g.add_argument("--couple-weight", type=_float_range(0.0),
                    help="lorein: weight of the coupling between its two blocks (default 0.1)")
+    g.add_argument("--holdout", type=_float_range(0.0, 0.5),
+                   help="network methods: fraction of the measured lines held out of the fit; its maps "
+                        "are those where the held-out lines were predicted best (default 0.05; 0 = off)")
     g.add_argument("--grid-levels", type=_int_at_least(1), help="network methods: hash-grid levels (default 12)")
     g.add_argument("--grid-features", type=_int_at_least(1), help="features per hash-grid level (default 2)")
     g.add_argument("--grid-log2-table", type=_int_at_least(0),
@@ -359,7 +362,8 @@ def settings_from_args(args) -> dict:
                  seed="seed", output_kind="output", images_2d="images_2d", couple_weight="couple_weight",
                  grid_levels="grid_levels", grid_features="grid_features",
                  grid_log2_table="grid_log2_table", grid_base="grid_base", grid_finest="grid_finest",
-                 mlp_width="mlp_width", mlp_layers="mlp_layers", support_threshold="support_threshold")
+                 mlp_width="mlp_width", mlp_layers="mlp_layers", support_threshold="support_threshold",
+                 holdout="holdout")
     out = {}
     for attr, name in names.items():
         v = getattr(args, attr, None)

@@ -45,6 +45,11 @@ class KSpaceLines:
         m[self.kz[self.calib], self.ky[self.calib]] = True
         return m
 
+    def select(self, index: np.ndarray) -> "KSpaceLines":
+        """The lines at ``index`` (integer indices or a boolean mask over the lines)."""
+        return KSpaceLines(self.data[index], self.frame[index], self.kz[index], self.ky[index],
+                           self.calib[index], self.n_frames, self.nz, self.ny)
+
     def acceleration(self) -> float:
         return self.n_frames * self.nz * self.ny / max(len(self.frame), 1)
 

@@ -74,6 +74,12 @@ Settings
     couple_weight      0.1          lorein: weight of the coupling between the PMR block's
                                     coefficients and the LRR block's (relative to the data terms;
                                     see gadget_lorein/lorein.py); 0 = two independent blocks
+    holdout            0.05         lorein/pmr/lrr: this fraction of the measured lines (drawn at
+                                    random, seeded) is left out of the fit; their loss is checked
+                                    every 20 steps, the maps are those of the last check within 1 %
+                                    of its lowest, and the fit stops when there has been none such
+                                    for 200 steps; 0 = off: every line fitted, the last step's maps
+                                    (see gadget_lorein/lorein.py)
     grid_levels        12           lorein/pmr/lrr, both coordinate networks: hash-grid levels
     grid_features      2            features per hash-grid level
     grid_log2_table    0            log2 of the hash-table entries per level (10-24); 0 = from
@@ -195,6 +201,8 @@ def parse_settings(values: dict | None) -> tuple[recon.ReconSettings, GadgetSett
         ("coil_refine", rs.coil_refine >= 0, "must be >= 0 (0 = no coil-map refinement)"),
         ("couple_weight", math.isfinite(rs.couple_weight) and rs.couple_weight >= 0,
          "must be a finite number >= 0"),
+        ("holdout", rs.holdout == 0 or 0 < rs.holdout < 0.5,
+         "must be 0 (off) or a fraction of the lines below 0.5"),
         ("grid_levels", 1 <= rs.grid_levels <= 32, "must be in 1..32"),
         ("grid_features", 1 <= rs.grid_features <= 16, "must be in 1..16"),
         ("grid_log2_table", rs.grid_log2_table == 0 or 10 <= rs.grid_log2_table <= 24,

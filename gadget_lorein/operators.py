@@ -59,6 +59,7 @@ class SubspaceOperator:
         self.b = b.reshape(nz, ny, K, C, nx).permute(3, 2, 0, 1, 4).contiguous()  # C,K,z,y,x
         self.y_norm2 = y_norm2
         self.n_lines = len(lines.frame)
+        self.held_out = None      # HeldOutLines kept out of this operator's data, if any (recon)
 
     def _batches(self, coils: torch.Tensor | None = None):
         """Coil batches: slices of all coils, or of the index tensor ``coils`` (a subset)."""
@@ -164,3 +165,34 @@ class _DataLossMaps(torch.autograd.Function):
     def backward(ctx, g):
         grad, gmaps = ctx.saved_tensors
         return g * grad, g * gmaps, None, None
+
+
+class HeldOutLines:
+    """Measured lines kept out of the fit's data terms, to tell when the fit starts to fit noise:
+    ||A_h X - y_h||^2 on these lines only, predicted line by line (U_t applied to the coefficient
+    k-space at each line's (kz, ky)), so nothing per frame is materialised. A fit to the other lines
+    that improves this loss is predicting k-space it has not seen; one that makes it worse is fitting
+    the noise and aliasing of the lines it has."""
+
+    def __init__(self, lines: KSpaceLines, basis: torch.Tensor, device="cpu", coil_batch: int = 0):
+        dev = torch.device(device)
+        ny = lines.ny
+        self.coil_batch = int(coil_batch)
+        self.loc = torch.from_numpy((lines.kz * ny + lines.ky).astype(np.int64)).to(dev)
+        self.u = basis.to(dev, torch.complex64)[torch.from_numpy(lines.frame.astype(np.int64)).to(dev)]
+        self.data = torch.from_numpy(np.ascontiguousarray(lines.data)).to(dev, torch.complex64)  # L, C, x
+        self.y_norm2 = float((self.data.abs() ** 2).sum())
+        self.n_lines = len(lines.frame)
+
+    @torch.no_grad()
+    def loss(self, x: torch.Tensor, maps: torch.Tensor) -> float:
+        """||A_h X - y_h||^2 for coefficient images X (K, nz, ny, nx) and sensitivities ``maps``."""
+        c_all = maps.shape[0]
+        step = self.coil_batch if 0 < self.coil_batch < c_all else c_all
+        total = 0.0
+        for i in range(0, c_all, step):
+            k = fftnc(maps[i:i + step, None] * x[None])                  # c, K, z, y, x
+            k = k.reshape(k.shape[0], k.shape[1], -1, k.shape[-1])[:, :, self.loc]   # c, K, L, x
+            pred = torch.einsum("lk,cklx->lcx", self.u, k)
+            total += float((pred - self.data[:, i:i + step]).abs().pow(2).sum())
+        return total

@@ -10,14 +10,15 @@ import numpy as np
 import torch
 
 from . import baselines, calibration, protocol as protocol_mod
-from .data import Scan
+from .data import KSpaceLines, Scan
 from .fft import ifftnc
-from .operators import SubspaceOperator
+from .operators import HeldOutLines, SubspaceOperator
 from .subspace import SubspaceModel, build_subspace
 
 log = logging.getLogger(__name__)
 
 METHODS = ("lorein", "pmr", "lrr", "cg", "llr", "zerofill")
+NETWORK_METHODS = ("lorein", "pmr", "lrr")
 
 
 class ReconError(ValueError):
@@ -49,6 +50,7 @@ class ReconSettings:
     mlp_layers: int = 2           # network methods: hidden MLP layers
     protocol: str = ""            # override the protocol named in the data (name or YAML path)
     seed: int = 0                 # network initialisation and stochastic choices
+    holdout: float = 0.05         # network methods: fraction of the lines held out to choose when to stop
     support_threshold: float = 0.08   # object support: low-res image above this x its 99th pct
 
     @classmethod
@@ -159,13 +161,33 @@ def prepare(scan: Scan, settings: ReconSettings, timings: dict | None = None):
             raise ReconError(str(err)) from None
         low = np.sqrt((np.abs(ifftnc(torch.from_numpy(calib)).numpy()) ** 2).sum(0))
         support = low > settings.support_threshold * np.percentile(low, 99)
+    held, measured = None, lines
+    if settings.holdout > 0 and settings.method in NETWORK_METHODS:
+        lines, held = split_lines(lines, settings.holdout, settings.seed)
     with stage("operator"):
         op = SubspaceOperator(lines, sub.basis, torch.from_numpy(maps), device=dev,
                               coil_batch=settings.coil_batch)
+        if held is not None:
+            op.held_out = HeldOutLines(held, sub.basis, device=dev, coil_batch=settings.coil_batch)
     info = dict(protocol=proto.name, rank=sub.rank, energy=sub.energy, device=str(dev),
-                coils=lines.n_coils, frames=lines.n_frames, lines=len(lines.frame),
-                acceleration=lines.acceleration(), settings=asdict(settings))
+                coils=lines.n_coils, frames=lines.n_frames, lines=len(measured.frame),
+                acceleration=measured.acceleration(), settings=asdict(settings))
     return proto, sub.to(dev), op, torch.from_numpy(support).to(dev), info
+
+
+def split_lines(lines: KSpaceLines, fraction: float, seed: int = 0):
+    """(fitted, held out): ``fraction`` of the lines, drawn at random (seeded), held out; (lines,
+    None) when that rounds to no line (a scan of under 10 lines at the default 0.05)."""
+    if not 0 < fraction < 0.5:
+        raise ReconError(f"holdout={fraction:g}: want a fraction of the lines between 0 and 0.5")
+    n = len(lines.frame)
+    n_held = int(round(fraction * n))
+    if n_held < 1:
+        log.info("recon: holdout=%g of %d lines is no line: every line fitted", fraction, n)
+        return lines, None
+    pick = np.zeros(n, bool)
+    pick[np.random.default_rng(seed + 3).choice(n, n_held, replace=False)] = True
+    return lines.select(~pick), lines.select(pick)
 
 
 def match_maps(sub: SubspaceModel, x: torch.Tensor, support: torch.Tensor, encodes_b1: bool) -> dict:
@@ -220,7 +242,7 @@ def _reconstruct(scan: Scan, settings: ReconSettings, progress=None) -> ReconRes
     torch.manual_seed(settings.seed)
     proto, sub, op, support, info = prepare(scan, settings, timings)
     with stage("fit"):
-        if settings.method in ("lorein", "pmr", "lrr"):
+        if settings.method in NETWORK_METHODS:
             from . import lorein
             config = fit_config(settings)
             maps, fit_info = lorein.fit(settings.method, op, sub, support, proto.encodes_b1,

@@ -84,7 +84,9 @@ def test_coil_batches_give_the_same_fit(tiny):
     and in the coil maps agree to float rounding, and so does a short fit, but for the odd voxel
     whose map sits where a bounded output saturates. (There the rounding of the other summation
     order grows over the steps: on an AVX-512 machine one of 3072 voxels, T1 103.0 vs 103.6 ms at
-    the range's lower end, after 5 steps.)"""
+    the range's lower end, after 5 steps; with the default held-out lines, 7 of 3072 voxels' T2,
+    by up to 0.8 %, after 5 steps on that machine, 0 with every line fitted: Adam's first steps
+    are nearly sign steps, so where a gradient element is near zero the rounding can flip one.)"""
     _, _, op, _, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lorein"))
     g = torch.Generator().manual_seed(0)
     x = torch.randn((op.K,) + op.shape, generator=g, dtype=torch.complex64)
@@ -98,7 +100,7 @@ def test_coil_batches_give_the_same_fit(tiny):
     for k in a.maps:
         close = np.isclose(a.maps[k], b.maps[k], rtol=1e-3, atol=1e-3 * np.abs(a.maps[k]).max())
         worst = np.max(np.abs(a.maps[k] - b.maps[k])) / np.abs(a.maps[k]).max()
-        assert close.mean() > 0.999 and worst < 0.01, (k, close.mean(), worst)
+        assert close.mean() > 0.995 and worst < 0.01, (k, close.mean(), worst)
 
 
 def test_nan_in_data_is_refused(tiny):
@@ -227,3 +229,52 @@ def test_the_fit_uses_the_configured_adam_settings(tiny):
                    config=lorein.FitConfig(adam_eps=1e-12, adam_beta2=0.99))
     assert seen and seen[0]["eps"] == 1e-12 and seen[0]["betas"] == (0.9, 0.99)
     assert (lorein.FitConfig().adam_eps, lorein.FitConfig().adam_beta2) == (1e-8, 0.999)
+
+
+def test_held_out_lines_loss_is_the_data_term_on_those_lines(tiny):
+    """HeldOutLines predicts each held-out line directly; its loss is ||A_h X - y_h||^2, the same
+    as a SubspaceOperator built from those lines alone (which goes through the Gram instead)."""
+    from gadget_lorein.operators import HeldOutLines, SubspaceOperator
+    _, sub, op, _, _ = recon.prepare(tiny.scan, recon.ReconSettings(device="cpu"))
+    fitted, held = recon.split_lines(tiny.scan.lines, 0.1, seed=0)
+    assert len(fitted.frame) + len(held.frame) == len(tiny.scan.lines.frame)
+    assert len(held.frame) == round(0.1 * len(tiny.scan.lines.frame))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((sub.rank,) + op.shape, generator=g, dtype=torch.complex64)
+    direct = HeldOutLines(held, sub.basis).loss(x, op.maps)
+    batched = HeldOutLines(held, sub.basis, coil_batch=3).loss(x, op.maps)
+    via_gram = float(SubspaceOperator(held, sub.basis, op.maps).loss_and_grad(x)[0])
+    assert direct == pytest.approx(via_gram, rel=1e-4) and batched == pytest.approx(direct, rel=1e-5)
+    with pytest.raises(recon.ReconError, match="holdout=0.7"):
+        recon.split_lines(tiny.scan.lines, 0.7)
+    few = tiny.scan.lines.select(np.arange(9))          # 0.05 of 9 lines rounds to none
+    fitted, held = recon.split_lines(few, 0.05)
+    assert fitted is few and held is None
+
+
+def test_holdout_returns_the_maps_of_the_last_good_held_out_check(tiny):
+    """With ``holdout`` the fit leaves those lines out of its data terms, checks their loss every
+    ``holdout_every`` steps and returns the maps of the last check within ``holdout_tol`` of the
+    lowest, stopping when none has been for ``holdout_patience`` steps."""
+    from gadget_lorein import lorein
+    rs = recon.ReconSettings(method="pmr", device="cpu", holdout=0.1)
+    proto, sub, op, support, info = recon.prepare(tiny.scan, rs)
+    assert op.held_out is not None and info["lines"] == len(tiny.scan.lines.frame)
+    assert op.n_lines + op.held_out.n_lines == info["lines"]
+    # on this easy case the held-out loss falls throughout; a scripted one, lowest at step 15 and
+    # within 1 % of that at step 20, checks that the fit goes back to step 20 and stops 15 steps
+    # (the patience) later
+    scripted = iter([v * op.held_out.y_norm2 for v in (5.0, 4.0, 3.0, 1.0, 1.005, 2.0, 3.0, 4.0, 5.0)])
+    real_loss = op.held_out.loss
+    op.held_out.loss = lambda x, m: (real_loss(x, m), next(scripted))[1]
+    seen = {}
+    cfg = lorein.FitConfig(holdout_every=5, holdout_patience=15, holdout_tol=0.01)
+    maps, fi = lorein.fit("pmr", op, sub, support, proto.encodes_b1, iterations=40, config=cfg,
+                          monitor=lambda step, loss, m: seen.update({step: (loss, m["t1"].clone())}))
+    assert sorted(seen) == [0, 5, 10, 15, 20, 25, 30, 35] and fi["iterations"] == 35
+    assert fi["held_out_step"] == 20 and fi["held_out_steps"] == sorted(seen)
+    assert fi["held_out_loss_pmr"][3] == 1.0 and "held_out_loss_lrr" not in fi
+    assert torch.equal(maps["T1"][support], seen[20][1])
+    assert not torch.equal(seen[35][1], seen[20][1]) and not torch.equal(seen[15][1], seen[20][1])
+    plain = recon.reconstruct(tiny.scan, recon.ReconSettings(method="cg", holdout=0.1))
+    assert "held_out_lines" not in plain.info          # linear methods use every line
