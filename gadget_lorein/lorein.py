@@ -322,6 +322,23 @@ def support_coords(support: torch.Tensor) -> torch.Tensor:
     return (idx + 0.5) / n
 
 
+class HeldOutRule:
+    """When to keep a state and when to stop, from the held-out losses of successive checks: a
+    check within ``tol`` (relative) of the lowest loss so far is good and its state is kept
+    ("keep"); once no check has been good for ``patience`` steps, "stop"; else None."""
+
+    def __init__(self, tol: float, patience: int):
+        self.tol, self.patience = tol, patience
+        self.lowest, self.kept = float("inf"), 0
+
+    def update(self, step: int, loss: float) -> str | None:
+        self.lowest = min(self.lowest, loss)
+        if loss <= self.lowest * (1 + self.tol):
+            self.kept = step
+            return "keep"
+        return "stop" if step - self.kept >= self.patience else None
+
+
 def fit(method: str, op: SubspaceOperator, sub: SubspaceModel, support: torch.Tensor,
         encodes_b1: bool, iterations: int = 0, seed: int = 0, progress=None,
         config: FitConfig | None = None, monitor=None) -> tuple[dict, dict]:
@@ -411,9 +428,10 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
         held_log.append((step, losses))
         return losses["pmr" if use_pmr else "lrr"]
 
-    held_best, held_it, held_state, held_log = float("inf"), 0, None, []
+    rule = HeldOutRule(cfg.holdout_tol, cfg.holdout_patience)
+    held_state, held_log = None, []
     if held is not None:
-        held_best = held_loss(0)
+        rule.update(0, held_loss(0))
         held_state = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
     best, best_it, history = float("inf"), 0, []
     for it in range(iterations):
@@ -444,15 +462,13 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
         if progress:
             progress(it + 1, iterations, val)
         if held is not None and ((it + 1) % cfg.holdout_every == 0 or it + 1 == iterations):
-            h = held_loss(it + 1)
-            held_best = min(held_best, h)
-            if h <= held_best * (1 + cfg.holdout_tol):       # good: keep this state
-                held_it = it + 1
+            verdict = rule.update(it + 1, held_loss(it + 1))
+            if verdict == "keep":
                 held_state = [{k: v.detach().clone() for k, v in m.state_dict().items()}
                               for m in modules]
-            elif it + 1 - held_it >= cfg.holdout_patience:
+            elif verdict == "stop":
                 log.info("lorein: held-out loss more than %g above its lowest since step %d: stopped "
-                         "at %d, maps of step %d", cfg.holdout_tol, held_it, it + 1, held_it)
+                         "at %d, maps of step %d", cfg.holdout_tol, rule.kept, it + 1, rule.kept)
                 break
         if val < best * (1 - cfg.tol):
             best, best_it = val, it
@@ -470,7 +486,7 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
     info = dict(iterations=len(history), final_loss=history[-1] if history else None,
                 fit_seconds=time.perf_counter() - t0, voxels=int(support.sum()))
     if held is not None:
-        info.update(held_out_lines=held.n_lines, held_out_step=held_it,
+        info.update(held_out_lines=held.n_lines, held_out_step=rule.kept,
                     held_out_steps=[step for step, _ in held_log],
                     **{f"held_out_loss_{k}": [round(v[k], 6) for _, v in held_log] for k in held_log[0][1]})
     return maps, info

@@ -124,3 +124,12 @@ def test_speed_variants_table(capsys, monkeypatch):
         speed.main(["--method", "cg", "--variants", "amp=1"])
     assert "--method cg has none" in capsys.readouterr().err
 
+
+
+def test_holdout_trace_prints_the_held_out_loss_and_the_maps_at_each_check(capsys):
+    load("holdout_trace").main(["--matrix", "12", "12", "8", "--coils", "4", "--sequence", "qalas",
+                                "--accel", "4", "--iterations", "40"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [int(r.split("|")[1]) for r in rows] == [0, 20, 40], out
+    assert "| held pmr | held lrr | T1 brain |" in out and out.splitlines()[-1].startswith("kept: step ")

@@ -278,3 +278,18 @@ def test_holdout_returns_the_maps_of_the_last_good_held_out_check(tiny):
     assert not torch.equal(seen[35][1], seen[20][1]) and not torch.equal(seen[15][1], seen[20][1])
     plain = recon.reconstruct(tiny.scan, recon.ReconSettings(method="cg", holdout=0.1))
     assert "held_out_lines" not in plain.info          # linear methods use every line
+
+
+def test_held_out_rule_goes_back_past_a_minimum_and_runs_on_along_a_plateau():
+    """The rule on the two measured traces of benchmarks/RESULTS.md (mrf R = 400: lowest at step 180,
+    2-6 % above from 200 on; qalas R = 8: flat within 0.5 % from step 460)."""
+    from gadget_lorein.lorein import HeldOutRule
+    rule = HeldOutRule(0.01, 200)
+    mrf = [(160, .0089), (180, .008556), (200, .008736), (220, .008703), (240, .008799), (260, .008915),
+           (280, .008733), (300, .009005), (320, .009067), (340, .008894), (360, .009060), (380, .009114)]
+    verdicts = [rule.update(step, loss) for step, loss in mrf]
+    assert verdicts[:2] == ["keep", "keep"] and verdicts[2:-1] == [None] * 9 and verdicts[-1] == "stop"
+    assert rule.kept == 180
+    rule = HeldOutRule(0.01, 200)
+    plateau = [(440, .000874), (460, .000876), (480, .000872), (500, .000875), (700, .000871), (900, .000872)]
+    assert [rule.update(s, v) for s, v in plateau] == ["keep"] * 6 and rule.kept == 900
