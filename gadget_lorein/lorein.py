@@ -45,8 +45,8 @@
   best near step 200 and much worse by 1200 (brain T1/T2/PD/B1 .137/.485/.135/.075), while the
   held-out loss was lowest at step 180 (.107/.190/.089/.075; tissue T1/T2/PD .092/.200/.072) and
   the fit stops at 380. At qalas R = 8 (same size) the held-out loss flattens, within 1 %, from step
-  ~460 while the maps still improve, so the fit runs on (step 700: .057/.141/.031 against .060/.177/
-  .032 for every line and 1200 steps). Why "within 1 %" rather than "lowest": on a plateau the
+  ~460 while the maps still improve, so the fit runs on to its loss test (kept step 1100:
+  .057/.139/.032 against .060/.177/.032 for every line and 1200 steps; benchmarks/RESULTS.md). Why "within 1 %" rather than "lowest": on a plateau the
   lowest value is a noise draw and an early one; the band prefers the more converged state there,
   and past a real minimum (mrf R = 400: 2-6 % above it) it still goes back. Not a cure for every
   map: at mrf R = 400 on a 32x32x24 matrix (~2 lines per frame) the held-out loss of LoREIN kept
