@@ -44,9 +44,9 @@ def main(argv=None):
                                    seed=args.seed, iterations=args.iterations)
     proto, sub, op, support, info = recon.prepare(sim.scan, settings)
     cfg = recon.fit_config(settings)
-    cfg.holdout_patience = 10 ** 9          # see the whole run; the stop is worked out below
-    names = {"T1": "t1", "T2": "t2", "PD": "pd", **({"B1": "b1"} if proto.encodes_b1 else {})}
-    blocks = ["pmr", "lrr"] if args.method == "lorein" else [args.method if args.method == "lrr" else "pmr"]
+    patience, cfg.holdout_patience = cfg.holdout_patience, 10 ** 9   # see the whole run; the stop is worked out below
+    names = ["T1", "T2", "PD"] + (["B1"] if proto.encodes_b1 else [])
+    blocks = {"lorein": ["pmr", "lrr"], "pmr": ["pmr"], "lrr": ["lrr"]}[args.method]
     print(f"# held-out trace: {args.sequence} R={args.accel:g}, matrix {args.matrix}, {args.coils} coils, "
           f"{args.method}, holdout {args.holdout:g} ({op.held_out.n_lines} of {info['lines']} lines), "
           f"seed {args.seed}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
@@ -60,8 +60,7 @@ def main(argv=None):
     def monitor(step, losses, m):
         if args.method == "lrr":
             m = sub.match(m)
-        vols = {k: lorein._scatter(m[key][:, None], support)[0] for k, key in names.items()}
-        out, _ = recon.finish_maps(vols, support)
+        out, _ = recon.finish_maps(lorein.map_volumes(m, support, proto.encodes_b1), support)
         err = {r: metrics.map_errors(out, truth, r) for r in ("brain", "tissue")}
         trace.append((step, losses[blocks[0]]))
         print(f"| {step} | " + " | ".join(f"{losses[b]:.6f}" for b in blocks) + " | "
@@ -70,7 +69,7 @@ def main(argv=None):
 
     lorein.fit(args.method, op, sub, support, proto.encodes_b1, iterations=settings.iterations,
                seed=args.seed, config=cfg, monitor=monitor)
-    rule, stop = lorein.HeldOutRule(cfg.holdout_tol, lorein.FitConfig().holdout_patience), None
+    rule, stop = lorein.HeldOutRule(cfg.holdout_tol, patience), None
     for step, loss in trace:                      # lorein.fit's own rule, on the whole trace
         if rule.update(step, loss) == "stop":
             stop = step

@@ -322,6 +322,12 @@ def support_coords(support: torch.Tensor) -> torch.Tensor:
     return (idx + 0.5) / n
 
 
+def map_volumes(m: dict, support: torch.Tensor, encodes_b1: bool) -> dict:
+    """Per-voxel maps (t1, t2, pd, b1 over the support) -> named volumes T1, T2, PD (, B1)."""
+    names = {"T1": "t1", "T2": "t2", "PD": "pd", **({"B1": "b1"} if encodes_b1 else {})}
+    return {k: _scatter(m[key][:, None], support)[0] for k, key in names.items()}
+
+
 class HeldOutRule:
     """When to keep a state and when to stop, from the held-out losses of successive checks: a
     check within ``tol`` (relative) of the lowest loss so far is good and its state is kept
@@ -408,6 +414,9 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
     held = getattr(op, "held_out", None)
     modules = [m for m in (pmr, lrr, coil_model) if m is not None]
 
+    def snapshot():
+        return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
     def held_loss(step):
         """Held-out loss of the block the maps come from (PMR, or LRR alone), relative to the
         held-out lines' ||y||^2; in lorein the LRR block's too, for the record."""
@@ -432,7 +441,7 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
     held_state, held_log = None, []
     if held is not None:
         rule.update(0, held_loss(0))
-        held_state = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+        held_state = snapshot()
     best, best_it, history = float("inf"), 0, []
     for it in range(iterations):
         opt.zero_grad(set_to_none=True)
@@ -464,8 +473,7 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
         if held is not None and ((it + 1) % cfg.holdout_every == 0 or it + 1 == iterations):
             verdict = rule.update(it + 1, held_loss(it + 1))
             if verdict == "keep":
-                held_state = [{k: v.detach().clone() for k, v in m.state_dict().items()}
-                              for m in modules]
+                held_state = snapshot()
             elif verdict == "stop":
                 log.info("lorein: held-out loss more than %g above its lowest since step %d: stopped "
                          "at %d, maps of step %d", cfg.holdout_tol, rule.kept, it + 1, rule.kept)
@@ -481,8 +489,7 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
             m.load_state_dict(state)
     with torch.no_grad():
         m = pmr() if use_pmr else sub.match(lrr())   # maps from PMR, or matched LRR coefficients
-        names = {"T1": "t1", "T2": "t2", "PD": "pd", **({"B1": "b1"} if encodes_b1 else {})}
-        maps = {k: _scatter(m[key][:, None], support)[0] for k, key in names.items()}
+        maps = map_volumes(m, support, encodes_b1)
     info = dict(iterations=len(history), final_loss=history[-1] if history else None,
                 fit_seconds=time.perf_counter() - t0, voxels=int(support.sum()))
     if held is not None:
