@@ -133,3 +133,25 @@ def test_holdout_trace_prints_the_held_out_loss_and_the_maps_at_each_check(capsy
     rows = [line for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
     assert [int(r.split("|")[1]) for r in rows] == [0, 20, 40], out
     assert "| held pmr | held lrr | T1 brain |" in out and out.splitlines()[-1].startswith("kept: step ")
+
+
+def test_gpu_accuracy_script_runs_every_case_and_gathers_one_table(tmp_path):
+    """benchmarks/gpu_accuracy.sh, as a lent GPU runs it, here on the CPU at a tiny size: one
+    accuracy.py process per case, their rows gathered into table.md in the cases' order, and a case
+    that fails named without losing the others' rows."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", OUT=str(tmp_path),
+               ARGS="--matrix 12 12 8 --coils 4 --methods zerofill cg --iterations 2",
+               CASES="mrf:100000 qalas:8 qalas:4")
+    run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_accuracy.sh")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr     # mrf at R = 100000 has too few lines
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[0].startswith("# accuracy: matrix [12, 12, 8], 4 coils") and table[1].startswith("| sequence |")
+    rows = [line.split(" | ")[:3] for line in table[3:]]
+    assert rows == [["| qalas", "8", "zerofill"], ["| qalas", "8", "cg"], ["| qalas", "8", "lowest"],
+                    ["| qalas", "4", "zerofill"], ["| qalas", "4", "cg"], ["| qalas", "4", "lowest"]], table
+    assert "case mrf:100000: exit 1" in (tmp_path / "env.txt").read_text()
+    assert "accel must be <=" in (tmp_path / "mrf100000.err").read_text()
