@@ -70,10 +70,12 @@ Settings
     amp                false        speed: the fit's network MLPs in bfloat16 (for GPUs; true/false)
     coil_refine        8            lorein/pmr/lrr: the coil maps are refined jointly with the fit,
                                     as a smooth correction (this many central k-space coefficients
-                                    per axis and coil); 0 = calibration maps as they are
+                                    per axis and coil; in lorein fitted by the PMR block's data
+                                    term); 0 = calibration maps as they are
     couple_weight      0.1          lorein: weight of the coupling between the PMR block's
                                     coefficients and the LRR block's (relative to the data terms;
                                     see gadget_lorein/lorein.py); 0 = two independent blocks
+                                    (the maps are then PMR's alone)
     holdout            0.05         lorein/pmr/lrr: this fraction of the measured lines (drawn at
                                     random, seeded) is left out of the fit; their loss is checked
                                     every 20 steps, the maps are those of the last check within 1 %

@@ -72,6 +72,14 @@
   (32x32x24 head, 8 coils), mostly at the object's edges; with the true maps instead, LoREIN's
   tissue T2 NRMSE fell from 0.13 to 0.08. Refinement at width 8 (qalas R=8, 32x32x24, 6 seeds):
   tissue T1/T2/PD 0.131/0.133/0.060 -> 0.113/0.099/0.050 (benchmarks/RESULTS.md).
+  In lorein the correction is fitted by PMR's data term alone; the LRR data term uses it as it
+  stands (detached; ``coil_from_lrr`` True lets both fit it, as before 2026-12-02). So the LRR
+  block reaches the maps only through the coupling (a test checks: at coupling 0 lorein's maps are
+  pmr's, bit for bit). The shared correction had cost LoREIN brain T1 against PMR alone at high R,
+  and the coupling had not: at qalas R = 48 (32x32x24, seeds 0-1, brain T1 mean) PMR .423, LoREIN
+  .458 with coupling 0.1 and still .474 with coupling 0, and .417 with the correction from PMR's
+  term alone (brain T1/T2/PD .417/.662/.249 against .458/.687/.257; R = 8 .071/.204/.044 against
+  .074/.216/.045, PMR .076/.218/.047; R = 16 a tie; benchmarks/RESULTS.md).
 - Speed switches that cost accuracy (off by default, measured in benchmarks/speed.py --variants):
   ``coil_subset`` (an unbiased estimate of the data terms from a random subset of the coils each
   step: fewer FFTs, a noisier gradient) and ``amp`` (the MLPs in bfloat16).
@@ -125,6 +133,8 @@ class FitConfig:
     amp: bool = False                # speed: the networks' MLPs in bfloat16 (autocast); meant for GPUs
     coil_refine: int = 8             # refine the coil maps jointly: low-frequency block width; 0 = off
     coil_lr: float = 2e-3            # Adam step of the coil-map correction
+    coil_from_lrr: bool = False      # lorein: the LRR data term fits the coil correction too (module
+    #                                  docstring, Coil maps: off, PMR's data term alone fits it)
     # the coordinate networks (both blocks): hash grid and MLP head; 0 = chosen from the volume
     grid_levels: int = 12            # resolution levels of the hash grid
     grid_features: int = 2           # features per level
@@ -452,7 +462,8 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
         maps = coil_model() if coil_model is not None else None
         if use_lrr:
             x = lrr()
-            loss = loss + op.data_loss(_scatter(x, support), coils, maps) / y2
+            lmaps = maps.detach() if (use_pmr and maps is not None and not cfg.coil_from_lrr) else maps
+            loss = loss + op.data_loss(_scatter(x, support), coils, lmaps) / y2
         if use_pmr:
             pm = pmr()
             xp = pmr.coefficients(pm)

@@ -280,6 +280,22 @@ def test_holdout_returns_the_maps_of_the_last_good_held_out_check(tiny):
     assert "held_out_lines" not in plain.info          # linear methods use every line
 
 
+def test_without_the_coupling_lorein_maps_are_pmr_maps(tiny):
+    """The LRR block reaches LoREIN's maps only through the coupling: with the coupling weight at 0,
+    lorein's maps are pmr's bit for bit (same seed), because PMR's data term alone fits the coil-map
+    correction (``coil_from_lrr`` off). With the LRR data term fitting it too (the build before
+    that change), they are not: at high R that shared correction, not the coupling, cost LoREIN
+    brain T1 against PMR (lorein.py's docstring, Coil maps)."""
+    from gadget_lorein import lorein
+    proto, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lorein", device="cpu"))
+    fit = lambda method, **kw: lorein.fit(method, op, sub, support, proto.encodes_b1, iterations=10,  # noqa: E731
+                                          config=lorein.FitConfig(couple_weight=0.0, **kw))[0]
+    pmr, joint, shared = fit("pmr"), fit("lorein"), fit("lorein", coil_from_lrr=True)
+    for k in pmr:
+        assert torch.equal(joint[k], pmr[k]), k
+    assert not all(torch.equal(shared[k], pmr[k]) for k in pmr)
+
+
 def test_held_out_rule_goes_back_past_a_minimum_and_runs_on_along_a_plateau():
     """The rule on the two measured traces of benchmarks/RESULTS.md (mrf R = 400: lowest at step 180,
     2-6 % above from 200 on; qalas R = 8: flat within 0.5 % from step 460)."""
