@@ -452,6 +452,7 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
     if held is not None:
         rule.update(0, held_loss(0))
         held_state = snapshot()
+    lrr_coils_fixed = use_pmr and not cfg.coil_from_lrr   # lorein: PMR's data term alone fits the coils
     best, best_it, history = float("inf"), 0, []
     for it in range(iterations):
         opt.zero_grad(set_to_none=True)
@@ -462,8 +463,8 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
         maps = coil_model() if coil_model is not None else None
         if use_lrr:
             x = lrr()
-            lmaps = maps.detach() if (use_pmr and maps is not None and not cfg.coil_from_lrr) else maps
-            loss = loss + op.data_loss(_scatter(x, support), coils, lmaps) / y2
+            loss = loss + op.data_loss(_scatter(x, support), coils,
+                                       maps.detach() if maps is not None and lrr_coils_fixed else maps) / y2
         if use_pmr:
             pm = pmr()
             xp = pmr.coefficients(pm)

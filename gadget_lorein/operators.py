@@ -125,7 +125,8 @@ class SubspaceOperator:
                   maps: torch.Tensor | None = None) -> torch.Tensor:
         """||A X - y||^2, differentiable in X (gradient in closed form, see loss_and_grad); with
         ``coils``, its unbiased estimate from that subset of the coils. ``maps``: sensitivities
-        to use instead of the operator's, differentiable too (joint coil refinement)."""
+        to use instead of the operator's, differentiable too (joint coil refinement) when they
+        require a gradient; detached maps cost no coil-map gradient."""
         if maps is None:
             return _DataLoss.apply(x, self, coils)
         return _DataLossMaps.apply(x, maps, self, coils)
@@ -157,14 +158,15 @@ class _DataLoss(torch.autograd.Function):
 class _DataLossMaps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, maps, op, coils):
-        loss, grad, gmaps = op.loss_and_grad(x.detach(), coils, maps.detach(), maps_grad=True)
-        ctx.save_for_backward(grad, gmaps)
-        return loss
+        # the gradient in the maps only where it is wanted (not for maps passed detached)
+        out = op.loss_and_grad(x.detach(), coils, maps.detach(), maps_grad=ctx.needs_input_grad[1])
+        ctx.save_for_backward(*out[1:])
+        return out[0]
 
     @staticmethod
     def backward(ctx, g):
-        grad, gmaps = ctx.saved_tensors
-        return g * grad, g * gmaps, None, None
+        grad, *gmaps = ctx.saved_tensors
+        return g * grad, (g * gmaps[0] if gmaps else None), None, None
 
 
 class HeldOutLines:

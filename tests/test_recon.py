@@ -186,6 +186,23 @@ def test_the_data_term_gradient_in_the_coil_maps_is_exact(tiny):
     op.coil_batch = 0
 
 
+def test_detached_coil_maps_give_the_same_data_term_and_gradient_in_x(tiny):
+    """Maps passed without a gradient (LoREIN's LRR data term) skip the coil-map gradient but give
+    the same loss and gradient in X as maps that carry one."""
+    _, _, op, _, _ = recon.prepare(tiny.scan, recon.ReconSettings(device="cpu"))
+    g = torch.Generator().manual_seed(0)
+    x0 = 0.1 * torch.randn((op.K,) + op.shape, generator=g, dtype=torch.complex64)
+    out = []
+    for wants in (True, False):
+        x = x0.clone().requires_grad_(True)
+        maps = op.maps.clone().requires_grad_(wants)
+        loss = op.data_loss(x, maps=maps)
+        loss.backward()
+        out.append((loss.detach(), x.grad, maps.grad))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    assert out[0][2] is not None and out[1][2] is None
+
+
 def test_coil_refinement_starts_at_the_maps_and_moves_no_common_profile():
     from gadget_lorein.lorein import CoilRefinement
     g = torch.Generator().manual_seed(1)
