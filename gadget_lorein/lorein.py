@@ -88,6 +88,7 @@ then dictionary matching). Deterministic on CPU for a given seed.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -143,6 +144,8 @@ class FitConfig:
     grid_finest: int = 0             # finest grid resolution; 0 = finest_fraction x the matrix
     mlp_width: int = 64              # hidden units per MLP layer
     mlp_layers: int = 2              # hidden MLP layers (0: a linear head on the encoding)
+    lrr_finest_fraction: float = 0.5   # lorein: the LRR network's finest grid resolution as a
+    #                                    fraction of PMR's (module docstring, LRR grid); 1 = the same
 
 
 def _p99(x: torch.Tensor) -> float:
@@ -325,6 +328,15 @@ def grid_config(support: torch.Tensor, cfg: FitConfig) -> HashGridConfig:
                           hidden=cfg.mlp_width, hidden_layers=cfg.mlp_layers)
 
 
+def lrr_grid_config(grid: HashGridConfig, cfg: FitConfig) -> HashGridConfig:
+    """The LRR network's grid in lorein: PMR's with its finest resolution scaled by
+    ``lrr_finest_fraction`` (not below the base; the levels in between follow)."""
+    if cfg.lrr_finest_fraction == 1:
+        return grid
+    return dataclasses.replace(grid, finest_resolution=max(
+        grid.base_resolution, round(grid.finest_resolution * cfg.lrr_finest_fraction)))
+
+
 def support_coords(support: torch.Tensor) -> torch.Tensor:
     """Voxel centres of the support in [0, 1]^3 (z, y, x order), isotropic over the largest axis."""
     idx = torch.nonzero(support).float()
@@ -404,7 +416,8 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
     if use_lrr and cfg.lrr_init == "maps":
         with torch.no_grad():
             x0 = map_coefficients(sub, init)
-    lrr = LRR(x0, grid, seed + 1).to(op.device) if use_lrr else None
+    lrr = LRR(x0, lrr_grid_config(grid, cfg) if use_pmr else grid, seed + 1).to(op.device) \
+        if use_lrr else None
     params = []
     for m in (pmr, lrr):
         if m is not None:

@@ -313,6 +313,24 @@ def test_without_the_coupling_lorein_maps_are_pmr_maps(tiny):
     assert not all(torch.equal(shared[k], pmr[k]) for k in pmr)
 
 
+def test_lorein_lrr_network_is_coarser_and_lrr_alone_keeps_the_full_grid(tiny):
+    """lrr_finest_fraction scales only the finest level of lorein's LRR network (base kept, not
+    below it); the lrr method (maps from LRR alone) is not changed by it."""
+    from gadget_lorein import lorein
+    from gadget_lorein.hashgrid import HashGridConfig
+    grid = HashGridConfig(base_resolution=4, finest_resolution=64)
+    assert lorein.lrr_grid_config(grid, lorein.FitConfig()).finest_resolution == 32
+    assert lorein.lrr_grid_config(grid, lorein.FitConfig(lrr_finest_fraction=0.01)).finest_resolution == 4
+    assert lorein.lrr_grid_config(grid, lorein.FitConfig(lrr_finest_fraction=1.0)) is grid
+    proto, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lrr", device="cpu"))
+    fit = lambda method, **kw: lorein.fit(method, op, sub, support, proto.encodes_b1, iterations=5,  # noqa: E731
+                                          config=lorein.FitConfig(**kw))[0]
+    a, b = fit("lrr"), fit("lrr", lrr_finest_fraction=1.0)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c, d = fit("lorein"), fit("lorein", lrr_finest_fraction=1.0)
+    assert not all(torch.equal(c[k], d[k]) for k in c)
+
+
 def test_held_out_rule_goes_back_past_a_minimum_and_runs_on_along_a_plateau():
     """The rule on the two measured traces of benchmarks/RESULTS.md (mrf R = 400: lowest at step 180,
     2-6 % above from 200 on; qalas R = 8: flat within 0.5 % from step 460)."""
