@@ -340,9 +340,9 @@ def _add_settings_arguments(p: argparse.ArgumentParser, with_method=True) -> Non
                    help="finest hash-grid resolution; 0 = the largest matrix dimension (default)")
     g.add_argument("--mlp-width", type=_int_at_least(1), help="hidden units per MLP layer (default 64)")
     g.add_argument("--mlp-layers", type=_int_at_least(0), help="hidden MLP layers (default 2)")
-    g.add_argument("--lrr-finest-fraction", type=_float_range(0.0, 1.0, low_open=True),
-                   help="lorein: the LRR network's finest hash-grid resolution as a fraction of the "
-                        "PMR network's (default 0.5; 1 = the same)")
+    g.add_argument("--lrr-finest", type=_int_at_least(0),
+                   help="lorein: the LRR network's finest hash-grid resolution; 0 = half of the PMR "
+                        "network's, not below 32 (default)")
     g.add_argument("--support-threshold", type=_float_range(0.0, 1.0),
                    help="object support: low-resolution image above this fraction of its 99th "
                         "percentile (default 0.08; below 1)")
@@ -366,7 +366,7 @@ def settings_from_args(args) -> dict:
                  grid_levels="grid_levels", grid_features="grid_features",
                  grid_log2_table="grid_log2_table", grid_base="grid_base", grid_finest="grid_finest",
                  mlp_width="mlp_width", mlp_layers="mlp_layers", support_threshold="support_threshold",
-                 holdout="holdout", lrr_finest_fraction="lrr_finest_fraction")
+                 holdout="holdout", lrr_finest="lrr_finest")
     out = {}
     for attr, name in names.items():
         v = getattr(args, attr, None)

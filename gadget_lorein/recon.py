@@ -48,7 +48,7 @@ class ReconSettings:
     grid_finest: int = 0          # network methods: finest grid resolution; 0 = the matrix size
     mlp_width: int = 64           # network methods: hidden units per MLP layer
     mlp_layers: int = 2           # network methods: hidden MLP layers
-    lrr_finest_fraction: float = 0.5  # lorein: LRR network's finest grid resolution / PMR's
+    lrr_finest: int = 0           # lorein: LRR network's finest grid resolution; 0 = automatic
     protocol: str = ""            # override the protocol named in the data (name or YAML path)
     seed: int = 0                 # network initialisation and stochastic choices
     holdout: float = 0.05         # network methods: fraction of the lines held out to choose when to stop
@@ -267,7 +267,7 @@ def _reconstruct(scan: Scan, settings: ReconSettings, progress=None) -> ReconRes
 # the ReconSettings that are lorein.FitConfig fields of the same name (same defaults: a test checks)
 FIT_SETTINGS = ("coil_subset", "amp", "coil_refine", "couple_weight", "grid_levels", "grid_features",
                 "grid_log2_table", "grid_base", "grid_finest", "mlp_width", "mlp_layers",
-                "lrr_finest_fraction")
+                "lrr_finest")
 
 
 def fit_config(settings: ReconSettings):

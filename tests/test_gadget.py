@@ -363,15 +363,14 @@ def test_network_settings_are_parsed_and_checked():
     assert (rs.couple_weight, rs.grid_levels, rs.grid_features, rs.grid_log2_table, rs.grid_base,
             rs.grid_finest, rs.mlp_width, rs.mlp_layers) == (0.3, 8, 4, 14, 2, 32, 32, 1)
     assert gadget.parse_settings({"holdout": "0.05"})[0].holdout == 0.05
-    assert gadget.parse_settings({"lrr_finest_fraction": "0.25"})[0].lrr_finest_fraction == 0.25
+    assert gadget.parse_settings({"lrr_finest": "16"})[0].lrr_finest == 16
     for bad, why in ((("couple_weight", "-1"), "couple_weight=-1.0 must be a finite number >= 0"),
                      (("couple_weight", "nan"), "couple_weight=nan must be a finite number"),
                      (("grid_levels", "0"), "grid_levels=0 must be in 1..32"),
                      (("grid_log2_table", "5"), r"grid_log2_table=5 must be 0 \(automatic\) or in 10..24"),
                      (("grid_finest", "2"), r"grid_finest=2 must be 0 \(the matrix size\) or >= grid_base \(4\)"),
                      (("mlp_layers", "-1"), "mlp_layers=-1 must be in 0..16"),
-                     (("lrr_finest_fraction", "0"), r"lrr_finest_fraction=0.0 must be in \(0, 1\]"),
-                     (("lrr_finest_fraction", "1.5"), r"lrr_finest_fraction=1.5 must be in \(0, 1\]"),
+                     (("lrr_finest", "2"), r"lrr_finest=2 must be 0 \(automatic\) or >= grid_base \(4\)"),
                      (("holdout", "0.6"), "holdout=0.6 must be 0 .off. or a fraction of the lines below 0.5")):
         with pytest.raises(gadget.SettingsError, match=why):
             gadget.parse_settings(dict([bad]))

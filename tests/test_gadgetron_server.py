@@ -73,7 +73,7 @@ LOREIN_DEFAULTS = {"method": "lorein", "device": "auto", "rank": "0", "energy": 
                    "coil_maps": "lowres", "virtual_coils": "0", "coil_batch": "0", "coil_subset": "0",
                    "amp": "false", "coil_refine": "8", "couple_weight": "0.1", "grid_levels": "12",
                    "grid_features": "2", "grid_log2_table": "0", "grid_base": "4", "grid_finest": "0",
-                   "mlp_width": "64", "mlp_layers": "2", "lrr_finest_fraction": "0.5",
+                   "mlp_width": "64", "mlp_layers": "2", "lrr_finest": "0",
                    "support_threshold": "0.08", "holdout": "0.05",
                    "output": "maps", "images_2d": "false",
                    "protocol": "", "log_level": "INFO"}

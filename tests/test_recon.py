@@ -314,20 +314,22 @@ def test_without_the_coupling_lorein_maps_are_pmr_maps(tiny):
 
 
 def test_lorein_lrr_network_is_coarser_and_lrr_alone_keeps_the_full_grid(tiny):
-    """lrr_finest_fraction scales only the finest level of lorein's LRR network (base kept, not
-    below it); the lrr method (maps from LRR alone) is not changed by it."""
+    """lrr_finest sets only the finest level of lorein's LRR network; automatic (0): half of PMR's
+    but not below 32 nor above PMR's own. The lrr method (maps from LRR alone) keeps the full grid."""
     from gadget_lorein import lorein
     from gadget_lorein.hashgrid import HashGridConfig
     grid = HashGridConfig(base_resolution=4, finest_resolution=64)
-    assert lorein.lrr_grid_config(grid, lorein.FitConfig()).finest_resolution == 32
-    assert lorein.lrr_grid_config(grid, lorein.FitConfig(lrr_finest_fraction=0.01)).finest_resolution == 4
-    assert lorein.lrr_grid_config(grid, lorein.FitConfig(lrr_finest_fraction=1.0)) is grid
+    auto = lambda finest: lorein.lrr_grid_config(  # noqa: E731
+        HashGridConfig(base_resolution=4, finest_resolution=finest), lorein.FitConfig()).finest_resolution
+    assert (auto(128), auto(64), auto(48), auto(24)) == (64, 32, 32, 24)
+    assert lorein.lrr_grid_config(grid, lorein.FitConfig(lrr_finest=2)).finest_resolution == 4
+    assert lorein.lrr_grid_config(grid, lorein.FitConfig(lrr_finest=64)) is grid
     proto, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lrr", device="cpu"))
     fit = lambda method, **kw: lorein.fit(method, op, sub, support, proto.encodes_b1, iterations=5,  # noqa: E731
                                           config=lorein.FitConfig(**kw))[0]
-    a, b = fit("lrr"), fit("lrr", lrr_finest_fraction=1.0)
+    a, b = fit("lrr"), fit("lrr", lrr_finest=4)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    c, d = fit("lorein"), fit("lorein", lrr_finest_fraction=1.0)
+    c, d = fit("lorein"), fit("lorein", lrr_finest=4)
     assert not all(torch.equal(c[k], d[k]) for k in c)
 
 
