@@ -81,9 +81,9 @@
   term alone (brain T1/T2/PD .417/.662/.249 against .458/.687/.257; R = 8 .071/.204/.044 against
   .074/.216/.045, PMR .076/.218/.047; R = 16 a tie; benchmarks/RESULTS.md).
 - LRR grid: in lorein the LRR network's finest hash-grid level is half of PMR's, but not below
-  32 cells across the field of view (``lrr_finest`` 0; the lrr method alone keeps the full grid). With the same grid as
-  PMR the LRR block, the noisier predictor of held-out lines, fitted fine-scale noise early in the
-  fit and the coupling passed it to PMR, mostly as scatter in the weakly encoded CSF: at qalas
+  32 cells across the field of view (``lrr_finest`` 0; the lrr method alone keeps the full grid).
+  With the same grid as PMR the LRR block, the noisier predictor of held-out lines, fitted
+  fine-scale noise early in the fit and the coupling passed it to PMR, mostly as scatter in the weakly encoded CSF: at qalas
   R = 8 (64x64x48, 8 coils, seed 0) LoREIN's brain T1/T2/PD were .061/.176/.034 against PMR's
   .048/.161/.029. With the finest level at 0.5: .045/.168/.028 (tissue .041/.037/.020 against
   PMR's .047/.044/.022); at 0.25: .054/.164/.032. At R = 48 (same phantom) 0.5 gave .266/.581/.137
