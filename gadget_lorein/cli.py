@@ -341,8 +341,8 @@ def _add_settings_arguments(p: argparse.ArgumentParser, with_method=True) -> Non
     g.add_argument("--mlp-width", type=_int_at_least(1), help="hidden units per MLP layer (default 64)")
     g.add_argument("--mlp-layers", type=_int_at_least(0), help="hidden MLP layers (default 2)")
     g.add_argument("--lrr-finest", type=_int_at_least(0),
-                   help="lorein: the LRR network's finest hash-grid resolution; 0 = half of the PMR "
-                        "network's, not below 32 (default)")
+                   help="lorein: the LRR network's finest hash-grid resolution; 0 = the PMR network's "
+                        "own (default)")
     g.add_argument("--support-threshold", type=_float_range(0.0, 1.0),
                    help="object support: low-resolution image above this fraction of its 99th "
                         "percentile (default 0.08; below 1)")

@@ -90,10 +90,9 @@ Settings
     grid_finest        0            finest hash-grid resolution; 0 = the largest matrix dimension
     mlp_width          64           hidden units per layer of the networks' MLP heads
     mlp_layers         2            hidden layers of the MLP heads (0 = a linear head)
-    lrr_finest         0            lorein: the LRR block's finest hash-grid resolution; 0 = half
-                                    of the PMR block's, not below 32 (nor above PMR's); lrr alone
-                                    keeps the full grid. A coarser LRR block passes less noise to
-                                    the maps through the coupling (see gadget_lorein/lorein.py)
+    lrr_finest         0            lorein: the LRR block's finest hash-grid resolution; 0 = the
+                                    PMR block's own; lrr alone always keeps the full grid (see
+                                    gadget_lorein/lorein.py, "LRR grid")
     protocol           (empty)      sequence protocol: empty = the one in the data
                                     (userParameter lorein.protocol_yaml, else lorein.protocol /
                                     protocolName), else a shipped name (qalas, mrf) or a YAML path
@@ -219,7 +218,7 @@ def parse_settings(values: dict | None) -> tuple[recon.ReconSettings, GadgetSett
         ("mlp_width", rs.mlp_width >= 1, "must be >= 1"),
         ("mlp_layers", 0 <= rs.mlp_layers <= 16, "must be in 0..16"),
         ("lrr_finest", rs.lrr_finest == 0 or rs.lrr_finest >= rs.grid_base,
-         f"must be 0 (automatic) or >= grid_base ({rs.grid_base})"),
+         f"must be 0 (PMR's own) or >= grid_base ({rs.grid_base})"),
         ("support_threshold", 0.0 <= rs.support_threshold < 1.0, "must be in [0, 1)"),
         ("coil_maps", rs.coil_maps in COIL_MAPS, f"must be one of {', '.join(COIL_MAPS)}"),
     )

@@ -80,19 +80,15 @@
   .458 with coupling 0.1 and still .474 with coupling 0, and .417 with the correction from PMR's
   term alone (brain T1/T2/PD .417/.662/.249 against .458/.687/.257; R = 8 .071/.204/.044 against
   .074/.216/.045, PMR .076/.218/.047; R = 16 a tie; benchmarks/RESULTS.md).
-- LRR grid: in lorein the LRR network's finest hash-grid level is half of PMR's, but not below
-  32 cells across the field of view (``lrr_finest`` 0; the lrr method alone keeps the full grid).
-  With the same grid as PMR the LRR block, the noisier predictor of held-out lines, fitted
-  fine-scale noise early in the fit and the coupling passed it to PMR, mostly as scatter in the weakly encoded CSF: at qalas
-  R = 8 (64x64x48, 8 coils, seed 0) LoREIN's brain T1/T2/PD were .061/.176/.034 against PMR's
-  .048/.161/.029. With the finest level at 0.5: .045/.168/.028 (tissue .041/.037/.020 against
-  PMR's .047/.044/.022); at 0.25: .054/.164/.032. At R = 48 (same phantom) 0.5 gave .266/.581/.137
-  against .269/.602/.141 at full resolution and PMR's .279/.585/.149: the coarse scales are what
-  helps at high R. A lower LRR learning rate instead (0.3x) changed nothing (.060/.174/.034). The
-  floor: on the test scan (test_data/qalas_small, 24x24x16, R = 8, two threads) halving its 24 to
-  12 cells cost LoREIN brain T1/T2/PD .080/.240/.053 -> .093/.325/.059 (PMR .135/.326/.079): 12
-  cells across the head do not resolve its anatomy, so below 64 cells the LRR grid stays at 32
-  or PMR's own.
+- LRR grid: ``lrr_finest`` sets the finest hash-grid level of lorein's LRR network; 0 (the
+  default) keeps PMR's own grid. A coarser LRR block was the default for one build (ef73f98: half
+  of PMR's, not below 32 cells), since at qalas R = 8 (64x64x48, 8 coils, seed 0) it took LoREIN's
+  brain T1/T2/PD from .061/.176/.034 to .045/.168/.028 (PMR .048/.161/.029) and lowered seed 0's
+  brain maps at R = 16 and 48 too. It did not hold over seeds: at R = 8 seeds 1 and 2 gave
+  .062/.218/.033 and .061/.200/.031 (full grid seed 1 .061/.224/.033), and on the demo's case
+  (48x48x32, R = 16, noise 0.01, seeds 0-2) it was worse on brain T1 and PD (.174/.426/.084 against
+  .161/.411/.078). At mrf R = 400, 16 cells gave .106/.183/.090/.071 against .106/.188/.092/.076
+  (one seed). benchmarks/RESULTS.md, "LRR grid".
 - Speed switches that cost accuracy (off by default, measured in benchmarks/speed.py --variants):
   ``coil_subset`` (an unbiased estimate of the data terms from a random subset of the coils each
   step: fewer FFTs, a noisier gradient) and ``amp`` (the MLPs in bfloat16).
@@ -157,8 +153,8 @@ class FitConfig:
     grid_finest: int = 0             # finest grid resolution; 0 = finest_fraction x the matrix
     mlp_width: int = 64              # hidden units per MLP layer
     mlp_layers: int = 2              # hidden MLP layers (0: a linear head on the encoding)
-    lrr_finest: int = 0              # lorein: the LRR network's finest grid resolution; 0 = half
-    #                                  of PMR's, not below 32 (module docstring, LRR grid)
+    lrr_finest: int = 0              # lorein: the LRR network's finest grid resolution; 0 = PMR's
+    #                                  own (module docstring, LRR grid)
 
 
 def _p99(x: torch.Tensor) -> float:
@@ -341,16 +337,10 @@ def grid_config(support: torch.Tensor, cfg: FitConfig) -> HashGridConfig:
                           hidden=cfg.mlp_width, hidden_layers=cfg.mlp_layers)
 
 
-LRR_FINEST_FLOOR = 32     # automatic lrr_finest: not below this many cells across the field of view
-
-
 def lrr_grid_config(grid: HashGridConfig, cfg: FitConfig) -> HashGridConfig:
-    """The LRR network's grid in lorein: PMR's with its finest resolution ``lrr_finest``, or, at 0,
-    half of PMR's but not below LRR_FINEST_FLOOR (nor above PMR's own); never below the base. The
-    levels in between follow from base and finest."""
-    finest = cfg.lrr_finest or max(grid.finest_resolution // 2,
-                                   min(grid.finest_resolution, LRR_FINEST_FLOOR))
-    finest = max(grid.base_resolution, finest)
+    """The LRR network's grid in lorein: PMR's, with its finest resolution at ``lrr_finest`` when
+    that is set (never below the base; the levels in between follow from base and finest)."""
+    finest = max(grid.base_resolution, cfg.lrr_finest or grid.finest_resolution)
     return grid if finest == grid.finest_resolution else \
         dataclasses.replace(grid, finest_resolution=finest)
 

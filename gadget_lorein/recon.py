@@ -48,7 +48,7 @@ class ReconSettings:
     grid_finest: int = 0          # network methods: finest grid resolution; 0 = the matrix size
     mlp_width: int = 64           # network methods: hidden units per MLP layer
     mlp_layers: int = 2           # network methods: hidden MLP layers
-    lrr_finest: int = 0           # lorein: LRR network's finest grid resolution; 0 = automatic
+    lrr_finest: int = 0           # lorein: LRR network's finest grid resolution; 0 = PMR's
     protocol: str = ""            # override the protocol named in the data (name or YAML path)
     seed: int = 0                 # network initialisation and stochastic choices
     holdout: float = 0.05         # network methods: fraction of the lines held out to choose when to stop

@@ -370,7 +370,7 @@ def test_network_settings_are_parsed_and_checked():
                      (("grid_log2_table", "5"), r"grid_log2_table=5 must be 0 \(automatic\) or in 10..24"),
                      (("grid_finest", "2"), r"grid_finest=2 must be 0 \(the matrix size\) or >= grid_base \(4\)"),
                      (("mlp_layers", "-1"), "mlp_layers=-1 must be in 0..16"),
-                     (("lrr_finest", "2"), r"lrr_finest=2 must be 0 \(automatic\) or >= grid_base \(4\)"),
+                     (("lrr_finest", "2"), r"lrr_finest=2 must be 0 \(PMR's own\) or >= grid_base \(4\)"),
                      (("holdout", "0.6"), "holdout=0.6 must be 0 .off. or a fraction of the lines below 0.5")):
         with pytest.raises(gadget.SettingsError, match=why):
             gadget.parse_settings(dict([bad]))

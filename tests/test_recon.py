@@ -313,15 +313,14 @@ def test_without_the_coupling_lorein_maps_are_pmr_maps(tiny):
     assert not all(torch.equal(shared[k], pmr[k]) for k in pmr)
 
 
-def test_lorein_lrr_network_is_coarser_and_lrr_alone_keeps_the_full_grid(tiny):
-    """lrr_finest sets only the finest level of lorein's LRR network; automatic (0): half of PMR's
-    but not below 32 nor above PMR's own. The lrr method (maps from LRR alone) keeps the full grid."""
+def test_lrr_finest_sets_lorein_lrr_grid_and_lrr_alone_keeps_the_full_grid(tiny):
+    """lrr_finest sets only the finest level of lorein's LRR network; 0 (the default): PMR's own
+    grid. The lrr method (maps from LRR alone) keeps the full grid whatever it is."""
     from gadget_lorein import lorein
     from gadget_lorein.hashgrid import HashGridConfig
     grid = HashGridConfig(base_resolution=4, finest_resolution=64)
-    auto = lambda finest: lorein.lrr_grid_config(  # noqa: E731
-        HashGridConfig(base_resolution=4, finest_resolution=finest), lorein.FitConfig()).finest_resolution
-    assert (auto(128), auto(64), auto(48), auto(24)) == (64, 32, 32, 24)
+    assert lorein.lrr_grid_config(grid, lorein.FitConfig()) is grid
+    assert lorein.lrr_grid_config(grid, lorein.FitConfig(lrr_finest=32)).finest_resolution == 32
     assert lorein.lrr_grid_config(grid, lorein.FitConfig(lrr_finest=2)).finest_resolution == 4
     assert lorein.lrr_grid_config(grid, lorein.FitConfig(lrr_finest=64)) is grid
     proto, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lrr", device="cpu"))
