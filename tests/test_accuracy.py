@@ -17,12 +17,12 @@ defaults (5 % of the lines held out):
     pmr    seeds 0-3  0.090/0.295/0.060  0.092/0.406/0.058  0.092/0.312/0.061  0.118/0.447/0.074
                       mean 0.098 / 0.365 / 0.063
     the deterministic baselines: zerofill 0.785/0.892/0.496, cg 0.483/0.725/0.381,
-    llr 0.348/0.784/0.226; lrr (seed 0) about 0.21/0.55/0.13.
+    llr 0.348/0.784/0.226; lrr (seed 0) 0.207/0.566/0.127.
 With every line fitted (``holdout`` 0) the same seeds gave lorein 0.104 / 0.278 / 0.062 and pmr
 0.124 / 0.339 / 0.074 (an earlier machine, 2026-12-01: 0.105 / 0.288 / 0.062 against
 0.123 / 0.339 / 0.074): lower on every map. With the held-out lines, which the defaults use, PMR's
 brain T1 gains more than LoREIN's and the two are level on T1 and PD; LoREIN is lower on T2 and on
-every tissue map (tissue mean 0.078/0.082/0.037 against 0.082/0.091/0.039).
+every tissue map (tissue mean 0.079/0.082/0.037 against 0.082/0.090/0.039).
 
 So what is asserted, and what is not:
 - LoREIN's mean is below every deterministic baseline and LRR alone on every brain map.
