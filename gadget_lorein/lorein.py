@@ -1,99 +1,53 @@
 """LoREIN: joint low-rank (LRR) and parameter-map (PMR) implicit neural representations
-(arXiv 2506.09100), fitted scan-specifically to the measured k-space.
+(arXiv 2506.09100), fitted scan-specifically to the measured k-space. Methods: ``lorein`` (both
+blocks; maps from PMR), ``pmr`` (PMR alone, SUMMIT-like), ``lrr`` (LRR alone, then dictionary
+matching). Deterministic on CPU for a given seed. The measurements behind each choice below are in
+benchmarks/RESULTS.md ("lorein.py's design notes" and the sections it names).
 
 - LRR block: a hash-grid coordinate network gives the K complex subspace coefficients of every voxel
-  in the object support: X = X0 + s * net_lrr(r).
-  (Both networks return their change since initialisation, so the fit starts exactly at X0 / the
-  initial maps.)
+  in the object support: X = X0 + s * net_lrr(r). (Both networks return their change since
+  initialisation, so the fit starts exactly at X0 / the initial maps.)
 - PMR block: a second network gives T1, T2, B1 (bounded: sigmoids onto the dictionary's ranges, in
   log T1 / log T2) and complex PD (bounded magnitude, phase); the signal table of the sequence's
   physics model turns them into subspace coefficients Xp = PD * U^H s(T1, T2, B1).
 - Objective (all terms relative to ||y||^2, so the weights are scale free):
       DC(X) + DC(Xp) + w_couple * ||Xp - X||^2 * (mean sampling density)
-  with DC(.) = ||A . - y||^2 computed in the subspace (see operators.py). The coupling weight is
-  scaled by the mean of A^H A's diagonal so that it is commensurate with the data terms.
-  w_couple = 0.1 (``couple_weight``), from a sweep on the accuracy benchmark's qalas R=8 case
-  (64x64x48, 8 coils, seed 0; brain T1/T2/PD NRMSE): w 0.1 -> .101/.228/.104, 0.3 -> .120/.264/.105,
-  1 -> .127/.306/.108 (an earlier build, 2 threads); PMR alone .094/.294/.104. On mrf R=200 (not
-  used for the choice) 0.1 gave .052/.151/.117/.043 (T1/T2/PD/B1) against .056/.147/.123/.052 for
-  1 (earlier build). (A reading: at w = 1 the PMR block follows the noisier LRR coefficients.)
-  Single fits of these networks move by a few hundredths of NRMSE with the seed, and even with the
-  thread count, so differences of that size between methods are not rankings.
+  with DC(.) = ||A . - y||^2 computed in the subspace (operators.py). The density factor (the mean
+  of A^H A's diagonal) makes the coupling commensurate with the data terms. w_couple = 0.1
+  (``couple_weight``), from a sweep on the accuracy benchmark's qalas R = 8 case; at w = 1 the PMR
+  block followed the noisier LRR coefficients.
 - Initialisation: CG least squares in the subspace, dictionary matching, then Gaussian smoothing of
-  the matched maps (``init_smooth`` voxels; log T1, log T2, complex PD). Starting from the smoothed
-  maps is what lets the coordinate networks act as a prior: started at the noisy per-voxel matches,
-  the fit keeps their noise (measured at qalas R=8, 24x24x16: brain T1 NRMSE 0.44 -> 0.22). The LRR
-  block starts at the coefficients of the same smoothed maps. Adam with a cosine schedule; early stop
-  when the loss has not improved by ``tol`` (relative) over ``patience`` steps.
-- Iterations: 1200 by default (``iterations``). At 300, the earlier default, neither network
-  method had converged and LoREIN, with two networks to fit, was the further from it: on qalas
-  R=8 (test_data/qalas_small, 24x24x16, 6 coils, one thread, seeds 0-3; brain T1/T2/PD mean) PMR
-  went .181/.459/.107 (300) -> .155/.381/.088 (600) -> .123/.339/.074 (1200) and LoREIN
-  .171/.452/.095 -> .141/.352/.076 -> .105/.288/.062; at 1200 LoREIN was lower than PMR on every
-  map in seeds 1-3 and on T1 and PD in seed 0 (T2 .304 vs .296), its seed spread also the smaller
-  (T2 sd .015 vs .053). A larger step does not buy the same in fewer iterations (lr 4e-2 over 600:
-  LoREIN seed 0 .189/.380/.090, worse than 2e-2). At 64x64x48 (8 coils, seed 0) both gain about
-  40 % from 300 to 1200 and tie there (LoREIN .060/.177/.032, PMR .059/.157/.033; PMR .065/.148/
-  .034 at 600). The cost is time: 4x the fit of the 300-step default (``iterations`` trades it
-  back).
-- Held-out lines (recon's ``holdout``, 0.05 by default): that fraction of the measured lines,
-  drawn at random, is left out of both data terms (operators.HeldOutLines); every
-  ``holdout_every`` (20) steps the block the maps come from predicts them, and the fit returns the
-  state of the last check whose held-out loss was within ``holdout_tol`` (1 %) of the lowest so far,
-  stopping once no check has been for ``holdout_patience`` (200) steps. The fixed 1200 steps alone
-  over-fit at mrf R = 400 (64x64x48, 8 coils, seed 0, ~8 lines per frame): there LoREIN's maps were
-  best near step 200 and much worse by 1200 (brain T1/T2/PD/B1 .137/.485/.135/.075), while the
-  held-out loss was lowest at step 180 (.107/.190/.089/.075; tissue T1/T2/PD .092/.200/.072) and
-  the fit stops at 380. At qalas R = 8 (same size) the held-out loss flattens, within 1 %, from step
-  ~460 while the maps still improve, so the fit runs on to its loss test (kept step 1100:
-  .057/.139/.032 against .060/.177/.032 for every line and 1200 steps; benchmarks/RESULTS.md). Why "within 1 %" rather than "lowest": on a plateau the
-  lowest value is a noise draw and an early one; the band prefers the more converged state there,
-  and past a real minimum (mrf R = 400: 2-6 % above it) it still goes back. Not a cure for every
-  map: at mrf R = 400 on a 32x32x24 matrix (~2 lines per frame) the held-out loss of LoREIN kept
-  falling while its brain T2 (CSF) got worse from step 60, a drift the k-space data barely sees.
-- Optimiser: Adam with torch's defaults (eps 1e-8, beta2 0.999; ``adam_eps``, ``adam_beta2``).
-  The losses are relative to ||y||^2 and the hash features start at ~1e-4, so the first MLP
-  layer's gradients are ~1e-8 at the start, at eps: Adam damps those steps. Instant-NGP's eps
-  1e-15 with beta2 0.99 was tried (2026-12-01) and not kept: on test_data/qalas_small (one thread,
-  1200 iterations, seeds 0-3, brain T1/T2/PD mean) it helped, PMR .099/.326/.061 -> .093/.245/.059
-  and LoREIN .101/.285/.061 -> .097/.224/.058; but at the benchmark's 64x64x48 (qalas R=8, seed 0)
-  both got worse, PMR .059/.157/.033 -> .070/.189/.042 and LoREIN .060/.177/.032 -> .071/.205/.040
-  (a faster optimiser fits more noise in the same 1200 steps: the iteration count acts as a
-  regulariser whose best value moves with the volume); and at eps 1e-15 float-rounding-sized
-  gradients get full steps (a coil-batched fit no longer matched an unbatched one). eps 1e-10 with
-  beta2 0.999 on qalas_small: PMR .100/.314/.063, LoREIN .120/.285/.070, no better.
+  the matched maps (``init_smooth`` voxels; log T1, log T2, complex PD). The smoothed start is what
+  lets the coordinate networks act as a prior (started at the noisy per-voxel matches the fit keeps
+  their noise). The LRR block starts at the coefficients of the same smoothed maps.
+- Optimiser: Adam (torch's eps and beta2: Instant-NGP's 1e-15 / 0.99 fitted more noise at
+  64x64x48) with a cosine schedule over ``iterations`` (1200: at 300 neither network method had
+  converged); early stop when the loss has not improved by ``tol`` (relative) over ``patience``
+  steps. The iteration count acts as a regulariser whose best value moves with the volume.
+- Held-out lines (recon's ``holdout``, 0.05 by default): that fraction of the measured lines, drawn
+  at random, is left out of both data terms (operators.HeldOutLines); every ``holdout_every`` (20)
+  steps the block the maps come from predicts them (HeldOutRule), and the fit returns the state of
+  the last check whose held-out loss was within ``holdout_tol`` (1 %) of the lowest so far,
+  stopping once no check has been for ``holdout_patience`` (200) steps. Without it the fixed 1200
+  steps over-fit at mrf R = 400. "Within 1 %" rather than "lowest": on a plateau the lowest value is
+  a noise draw and an early one; the band prefers the more converged state, and past a real minimum
+  it still goes back.
 - B1 (where the protocol encodes it) is a smooth transmit field: it comes from a coarse trilinear
   control grid (``b1_grid`` points per axis) on top of a strongly smoothed start, not from the
-  network (measured at mrf, 24x24x16: brain B1 NRMSE 0.24 -> 0.15).
+  network.
 - Coil maps are refined jointly (``coil_refine``, on by default in lorein, pmr and lrr): both data
-  terms see S = S0 + a smooth correction (CoilRefinement: a low-frequency block of k-space
-  coefficients per coil, its component along S0 removed at every voxel), fitted with its own Adam
-  step (``coil_lr``). Low-resolution calibration maps are ~13 % off the true sensitivities in shape
-  (32x32x24 head, 8 coils), mostly at the object's edges; with the true maps instead, LoREIN's
-  tissue T2 NRMSE fell from 0.13 to 0.08. Refinement at width 8 (qalas R=8, 32x32x24, 6 seeds):
-  tissue T1/T2/PD 0.131/0.133/0.060 -> 0.113/0.099/0.050 (benchmarks/RESULTS.md).
-  In lorein the correction is fitted by PMR's data term alone; the LRR data term uses it as it
-  stands (detached; ``coil_from_lrr`` True lets both fit it, as before 2026-12-02). So the LRR
-  block reaches the maps only through the coupling (a test checks: at coupling 0 lorein's maps are
-  pmr's, bit for bit). The shared correction had cost LoREIN brain T1 against PMR alone at high R,
-  and the coupling had not: at qalas R = 48 (32x32x24, seeds 0-1, brain T1 mean) PMR .423, LoREIN
-  .458 with coupling 0.1 and still .474 with coupling 0, and .417 with the correction from PMR's
-  term alone (brain T1/T2/PD .417/.662/.249 against .458/.687/.257; R = 8 .071/.204/.044 against
-  .074/.216/.045, PMR .076/.218/.047; R = 16 a tie; benchmarks/RESULTS.md).
-- LRR grid: ``lrr_finest`` sets the finest hash-grid level of lorein's LRR network; 0 (the
-  default) keeps PMR's own grid. A coarser LRR block was the default for one build (ef73f98: half
-  of PMR's, not below 32 cells), since at qalas R = 8 (64x64x48, 8 coils, seed 0) it took LoREIN's
-  brain T1/T2/PD from .061/.176/.034 to .045/.168/.028 (PMR .048/.161/.029) and lowered seed 0's
-  brain maps at R = 16 and 48 too. It did not hold over seeds: at R = 8 seeds 1 and 2 gave
-  .062/.218/.033 and .061/.200/.031 (full grid seed 1 .061/.224/.033), and on the demo's case
-  (48x48x32, R = 16, noise 0.01, seeds 0-2) it was worse on brain T1 and PD (.174/.426/.084 against
-  .161/.411/.078). At mrf R = 400, 16 cells gave .106/.183/.090/.071 against .106/.188/.092/.076
-  (one seed). benchmarks/RESULTS.md, "LRR grid".
+  terms see S = S0 + a smooth correction (CoilRefinement), fitted with its own Adam step
+  (``coil_lr``); low-resolution calibration maps are ~13 % off the true sensitivities, mostly at the
+  object's edges. In lorein the correction is fitted by PMR's data term alone; the LRR data term
+  uses it as it stands (``coil_from_lrr`` True lets both fit it). So the LRR block reaches the maps
+  only through the coupling: at coupling 0 lorein's maps are pmr's, bit for bit (a test checks).
+- LRR grid: ``lrr_finest`` sets the finest hash-grid level of lorein's LRR network; 0 (the default)
+  keeps PMR's own grid (a coarser one helped one seed and not the next).
 - Speed switches that cost accuracy (off by default, measured in benchmarks/speed.py --variants):
   ``coil_subset`` (an unbiased estimate of the data terms from a random subset of the coils each
   step: fewer FFTs, a noisier gradient) and ``amp`` (the MLPs in bfloat16).
-Methods: ``lorein`` (both blocks; maps from PMR), ``pmr`` (PMR alone, SUMMIT-like), ``lrr`` (LRR alone
-then dictionary matching). Deterministic on CPU for a given seed.
+Single fits of these networks move by a few hundredths of NRMSE with the seed, the thread count and
+the library versions, so differences of that size between methods are not rankings.
 """
 from __future__ import annotations
 
@@ -121,7 +75,7 @@ class FitConfig:
     lr: float = 2e-2
     adam_eps: float = 1e-8           # torch's Adam defaults; Instant-NGP's 1e-15 / 0.99 were
     adam_beta2: float = 0.999        # tried and not kept (module docstring, Optimiser)
-    couple_weight: float = 0.1       # see the module docstring for the sweep
+    couple_weight: float = 0.1       # module docstring, Objective (the sweep: RESULTS.md)
     init_cg_iterations: int = 20
     init: str = "cg"          # linear estimate the maps start from: zerofill | cg
     patience: int = 40
