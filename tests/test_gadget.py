@@ -127,17 +127,17 @@ def test_recon_file_equals_chain(qalas_small, tmp_path):
 
 
 @pytest.mark.timeout(900, func_only=True)
-def test_chain_without_configuration(qalas_small, tmp_path):
+def test_chain_without_configuration(qalas_tiny, tmp_path):
     """A chain without <configuration>: Gadgetron sends only an XML declaration, gadgetron-python
     gives connection.config = None, the gadget runs with its defaults
     (the default method, lorein with 1200 iterations: the slowest test here)."""
     chain = read_chain(fast_chain(tmp_path))
     chain.config_text = '<?xml version="1.0"?>'
-    header, acqs = raw_items(qalas_small.raw)
+    header, acqs = raw_items(qalas_tiny.raw)
     result = play(chain, header, acqs, timeout=890)
     check_clean(result)
     default = recon.ReconSettings()
-    check_images(result.images, qalas_small, gadget.METHOD_LABELS[default.method])
+    check_images(result.images, qalas_tiny, gadget.METHOD_LABELS[default.method])
     assert f"settings: method={default.method}, device=auto" in result.log
 
 
