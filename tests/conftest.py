@@ -102,32 +102,16 @@ def load_truth(path) -> dict:
         return {_TRUTH_KEYS.get(k.lower(), k): np.asarray(z[k]) for k in z.files}
 
 
-def make_qalas(path: Path):
-    from gadget_lorein import protocol, simulate
-    proto = protocol.load("qalas")
-    sim = simulate.simulate(proto, **QALAS_SPEC)
-    return _write(path, proto, sim)
-
-
-def make_qalas_tiny(path: Path):
-    from gadget_lorein import protocol, simulate
-    proto = protocol.load("qalas")
-    sim = simulate.simulate(proto, **QALAS_TINY_SPEC)
-    return _write(path, proto, sim)
-
-
-def make_mrf_tiny(path: Path):
-    from gadget_lorein import protocol, simulate
-    proto = protocol.load("mrf").with_overrides(**MRF_OVERRIDES)
-    sim = simulate.simulate(proto, **MRF_TINY_SPEC)
-    return _write(path, proto, sim)
-
-
-def make_mrf(path: Path):
-    from gadget_lorein import protocol, simulate
-    proto = protocol.load("mrf").with_overrides(**MRF_OVERRIDES)
-    sim = simulate.simulate(proto, **MRF_SPEC)
-    return _write(path, proto, sim)
+def simulator(sequence: str, spec: dict, overrides: dict | None = None):
+    """A function of a path that simulates the shipped ``sequence`` protocol (with ``overrides``)
+    at ``spec`` into that raw file, its truth beside it, and returns the truth."""
+    def make(path: Path) -> dict:
+        from gadget_lorein import protocol, simulate
+        proto = protocol.load(sequence)
+        if overrides:
+            proto = proto.with_overrides(**overrides)
+        return _write(path, proto, simulate.simulate(proto, **spec))
+    return make
 
 
 def _write(path: Path, proto, sim) -> dict:
@@ -167,25 +151,27 @@ def _case(name, make, tmp_path_factory, maps) -> RawCase:
 
 @pytest.fixture(scope="session")
 def qalas_small(tmp_path_factory) -> RawCase:
-    return _case("qalas_small", make_qalas, tmp_path_factory, ("T1", "T2", "PD"))
+    return _case("qalas_small", simulator("qalas", QALAS_SPEC), tmp_path_factory, ("T1", "T2", "PD"))
 
 
 @pytest.fixture(scope="session")
 def qalas_tiny(tmp_path_factory) -> RawCase:
     """QALAS_TINY_SPEC, simulated once per session (no file in test_data)."""
-    return _case("qalas_tiny", make_qalas_tiny, tmp_path_factory, ("T1", "T2", "PD"))
+    return _case("qalas_tiny", simulator("qalas", QALAS_TINY_SPEC), tmp_path_factory, ("T1", "T2", "PD"))
 
 
 @pytest.fixture(scope="session")
 def mrf_tiny(tmp_path_factory) -> RawCase:
     """MRF_TINY_SPEC (the mrf_small protocol, 16 x 16 x 8, 4 coils, R = 50), simulated once per
     session (no file in test_data)."""
-    return _case("mrf_tiny", make_mrf_tiny, tmp_path_factory, ("T1", "T2", "PD", "B1"))
+    return _case("mrf_tiny", simulator("mrf", MRF_TINY_SPEC, MRF_OVERRIDES), tmp_path_factory,
+                 ("T1", "T2", "PD", "B1"))
 
 
 @pytest.fixture(scope="session")
 def mrf_small(tmp_path_factory) -> RawCase:
-    return _case("mrf_small", make_mrf, tmp_path_factory, ("T1", "T2", "PD", "B1"))
+    return _case("mrf_small", simulator("mrf", MRF_SPEC, MRF_OVERRIDES), tmp_path_factory,
+                 ("T1", "T2", "PD", "B1"))
 
 
 # --------------------------------------------------------------------------------------------
