@@ -135,6 +135,23 @@ def test_no_command_and_version():
         assert command in res.stdout
 
 
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_idle_openmp_threads_sleep_unless_told_otherwise(given, expected):
+    """The gadget's process (``python -m gadgetron PORT gadget_lorein.gadget ...``) imports the
+    package first: OMP_WAIT_POLICY must be set before torch (and its libgomp) loads, and a value
+    the user set must be kept."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = ("import os, sys, gadget_lorein; assert 'torch' not in sys.modules; "
+            "print(os.environ['OMP_WAIT_POLICY']); import gadget_lorein.gadget; "
+            "assert 'torch' in sys.modules")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == expected
+
+
 def test_methods_match_the_reconstruction():
     assert tuple(cli.METHODS) == tuple(recon.METHODS)
 
