@@ -29,17 +29,15 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Before numpy and torch load OpenMP: the in-process fits here (the references the chains' images are
-# compared with) share the cores with a gadget or a server process, and libgomp's default spin-wait
-# then stalls every parallel op (benchmarks/RESULTS.md, "CPU threads"): a default LoREIN fit of
-# qalas_tiny took 88 s in the pytest process against 35 s in the gadget, which has this setting.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import ismrmrd
+import numpy as np
+import pytest
 
-import ismrmrd  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from gadget_lorein import metrics, mrd  # noqa: E402
+# importing the package sets OMP_WAIT_POLICY=PASSIVE before torch loads (gadget_lorein/__init__.py):
+# the in-process reference fits here, and every gadget and server started from this environment,
+# let idle OpenMP threads sleep while they share the cores (a default fit of qalas_tiny took 88 s
+# here against 35 s in the gadget before the pytest process had it)
+from gadget_lorein import metrics, mrd
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "test_data"
@@ -407,7 +405,6 @@ def converse(sock, config_text: str, header, items, close: bool = True, abort: b
 
 def gadget_env() -> dict:
     env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
     env["PYTHONUNBUFFERED"] = "1"
     return env

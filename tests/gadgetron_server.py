@@ -207,7 +207,6 @@ class GadgetronServer:
         env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
         lib = str(self.home / "lib") if self.home else str(self.gadgetron.lib)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [lib, env.get("LD_LIBRARY_PATH", "")] if p)
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
         env.update(self.extra_env)
         return env
