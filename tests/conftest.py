@@ -55,12 +55,12 @@ QALAS_SPEC = dict(matrix=(24, 24, 16), n_coils=6, accel=8, noise=0.005, seed=0, 
 # smaller cases for the tests that run LoREIN at its defaults through a chain (a default fit of
 # qalas_tiny takes about a third of qalas_small's, mrf_tiny about a quarter of mrf_small's: ~30 s
 # on 2 cores); simulated once per session, not stored
-QALAS_TINY_SPEC = dict(matrix=(16, 16, 8), n_coils=4, accel=8, noise=0.005, seed=0, calib_mode="union")
+QALAS_TINY_SPEC = dict(QALAS_SPEC, matrix=(16, 16, 8), n_coils=4)
 MRF_SPEC = dict(matrix=(24, 24, 16), n_coils=6, accel=100, noise=0.005, seed=0, calib_mode="union")
 MRF_OVERRIDES = dict(n_tr=100, epg_states=32,
                      dictionary={"t1_ms": [100.0, 6000.0, 40], "t2_ms": [10.0, 3000.0, 40],
                                  "b1": [0.6, 1.4, 5]})
-MRF_TINY_SPEC = dict(matrix=(16, 16, 8), n_coils=4, accel=50, noise=0.005, seed=0, calib_mode="union")
+MRF_TINY_SPEC = dict(MRF_SPEC, matrix=(16, 16, 8), n_coils=4, accel=50)
 
 
 # --------------------------------------------------------------------------------------------
