@@ -23,7 +23,8 @@ raw file is written and read here in blocks with h5py, using ismrmrd's own HDF5 
 (``ismrmrd.hdf5.acquisition_dtype``): the file is byte-for-byte the same layout that
 ``ismrmrd.Dataset`` and the C++ ``ISMRMRD::Dataset`` read and append to.
 
-Works with ismrmrd-python 1.14 and 1.15, numpy 1.26 and 2.x.
+Works with ismrmrd-python 1.14 and 1.15, numpy 1.26 and 2.x (:func:`header_to_xml` mends the one
+place where ismrmrd 1.14 breaks beside the xsdata that the official Gadgetron images pin).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from .data import KSpaceLines, Scan
 
 __all__ = [
     "MRDError", "Geometry", "RawScan", "AcquisitionBuffer",
-    "build_header", "write_raw", "read_raw", "iter_raw", "parse_header", "user_parameters",
+    "build_header", "header_to_xml", "write_raw", "read_raw", "iter_raw", "parse_header", "user_parameters",
     "maps_to_images", "images_to_maps", "write_images", "read_images",
     "MAP_SERIES", "MAP_UNITS", "MAP_DATA_ROLES",
 ]
@@ -319,7 +320,21 @@ def build_header(*, matrix, fov_mm, n_coils: int, n_frames: int, protocol_name: 
         sequenceParameters=seq_params,
         userParameters=ups,
     )
-    return xsd.ToXML(header, encoding="utf-8")
+    return header_to_xml(header)
+
+
+def header_to_xml(header: xsd.ismrmrdHeader) -> str:
+    """``ismrmrd.xsd.ToXML(header, encoding="utf-8")``, also under ismrmrd-python 1.14 with xsdata
+    >= 24 (the official Gadgetron images pin ismrmrd-python 1.14.0 with xsdata 24.5). There 1.14's
+    ToXML passes its SerializerConfig positionally, into the field that xsdata 24 made the first
+    (``context``), and fails with AttributeError; 1.15 passes it by name, as done here."""
+    try:
+        return xsd.ToXML(header, encoding="utf-8")
+    except AttributeError:
+        from xsdata.formats.dataclass.serializers import XmlSerializer
+        from xsdata.formats.dataclass.serializers.config import SerializerConfig
+        serializer = XmlSerializer(config=SerializerConfig(encoding="utf-8", indent=" "))
+        return serializer.render(header, ns_map={"": "http://www.ismrm.org/ISMRMRD"})
 
 
 def parse_header(header) -> xsd.ismrmrdHeader:
@@ -803,7 +818,7 @@ class AcquisitionBuffer:
                             kz[sel].astype(np.int64), ky[sel].astype(np.int64), calib,
                             self.n_frames, self.nz, self.ny)
         noise = np.concatenate(self._noise, axis=1) if self._noise else None
-        xml = self._header_xml if self._header_xml is not None else xsd.ToXML(self.header, encoding="utf-8")
+        xml = self._header_xml if self._header_xml is not None else header_to_xml(self.header)
         scan = RawScan(lines=lines, noise=noise, geometry=self.geometry(),
                        protocol_name=self.protocol_name, protocol_yaml=self.protocol_yaml,
                        n_frames=self.n_frames, header_xml=xml, sample_time_us=self._dwell,

@@ -81,13 +81,22 @@ def date_time_group() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
 
 
+def _ismrmrd_version() -> str:
+    """The installed ismrmrd-python's version (1.14 and 1.15 have no ``__version__``)."""
+    from importlib import metadata
+    try:
+        return metadata.version("ismrmrd")
+    except metadata.PackageNotFoundError:
+        return getattr(ismrmrd, "__version__", "unknown")
+
+
 def _protocol():
     """ProtocolSerializer/Deserializer classes, or a clear error on ismrmrd < 1.15."""
     try:
         from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolDeserializer, ProtocolSerializer
     except ImportError as e:
         raise ReplayError(f"replay needs ismrmrd-python >= 1.15 (ProtocolSerializer); installed: "
-                          f"{getattr(ismrmrd, '__version__', 'unknown')}") from e
+                          f"{_ismrmrd_version()}; upgrade it with: python -m pip install 'ismrmrd>=1.15'") from e
     return ProtocolSerializer, ProtocolDeserializer, ConfigFile, ConfigText
 
 

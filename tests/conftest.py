@@ -359,7 +359,7 @@ def header_bytes(header) -> bytes:
         return header
     if isinstance(header, str):
         return header.encode("utf-8")
-    return ismrmrd.xsd.ToXML(header, encoding="utf-8").encode("utf-8")
+    return mrd.header_to_xml(header).encode("utf-8")
 
 
 def converse(sock, config_text: str, header, items, close: bool = True, abort: bool = False,

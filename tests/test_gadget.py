@@ -259,7 +259,7 @@ def _header(raw_path, edit):
     xml, _ = mrd.iter_raw(raw_path)
     h = ismrmrd.xsd.CreateFromDocument(xml.encode())
     edit(h)
-    return ismrmrd.xsd.ToXML(h, encoding="utf-8").encode("utf-8")
+    return mrd.header_to_xml(h).encode("utf-8")
 
 
 def _no_encoding(h):

@@ -243,7 +243,7 @@ def _unknown_protocol_copy(raw, path):
     with h5py.File(path, "r+") as f:
         h = ismrmrd.xsd.CreateFromDocument(f["dataset/xml"][0])
         unknown_protocol(h)
-        f["dataset/xml"][0] = ismrmrd.xsd.ToXML(h, encoding="utf-8").encode("utf-8")
+        f["dataset/xml"][0] = mrd.header_to_xml(h).encode("utf-8")
     return path
 
 

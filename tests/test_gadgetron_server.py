@@ -276,6 +276,17 @@ def test_replay_bad_input(tmp_path):
         rp.replay(tmp_path / "missing.h5", tmp_path / "out.h5", progress=False)
 
 
+def test_replay_names_the_ismrmrd_it_needs(monkeypatch):
+    """ismrmrd-python 1.14 (the official images' own) has no ismrmrd.serialization: replay says
+    which version is installed (1.14 and 1.15 have no __version__) and how to upgrade."""
+    from importlib import metadata
+    monkeypatch.setitem(sys.modules, "ismrmrd.serialization", None)   # import now fails, as in 1.14
+    with pytest.raises(rp.ReplayError, match=r"needs ismrmrd-python >= 1\.15") as err:
+        rp._protocol()
+    assert f"installed: {metadata.version('ismrmrd')};" in str(err.value)
+    assert "pip install 'ismrmrd>=1.15'" in str(err.value)
+
+
 def test_interleave_matches_stock_order(tmp_path):
     """Waveforms go before an acquisition with a later time stamp (ties: acquisition first)."""
     path = write_raw(tmp_path / "raw.h5", ny=4, waveforms=3)  # acq t=0,10,20,30; waveforms t=5,30,55

@@ -95,6 +95,36 @@ def test_header_validates_and_carries_the_contract():
                          sequence_parameters={"TRR": 1.0})
 
 
+
+def test_header_to_xml_under_ismrmrd_1_14(monkeypatch, raw_file):
+    """ismrmrd-python 1.14's ToXML (the official Gadgetron images' version) passes its config to
+    xsdata's serializer positionally; with xsdata >= 24 (the images pin 24.5) that lands in
+    ``context`` and raises AttributeError. header_to_xml must still give the same header, and so
+    must a buffer fed a parsed header (as a gadget gets it from Gadgetron). The stand-in is 1.14's
+    ToXML, less its deprecated ``pretty_print``."""
+    from xsdata.formats.dataclass.serializers import XmlSerializer
+    from xsdata.formats.dataclass.serializers.config import SerializerConfig
+
+    def to_xml_1_14(header, encoding="ascii"):
+        serializer = XmlSerializer(SerializerConfig(encoding=encoding))
+        return serializer.render(header, ns_map={"": "http://www.ismrm.org/ISMRMRD"})
+
+    xml, acqs = mrd.iter_raw(raw_file)
+    h = xsd.CreateFromDocument(xml)
+    want = xsd.CreateFromDocument(mrd.header_to_xml(h))
+    assert want == h
+    monkeypatch.setattr(xsd, "ToXML", to_xml_1_14)
+    with pytest.raises(AttributeError):
+        xsd.ToXML(h, encoding="utf-8")                      # the failure being mended
+    assert xsd.CreateFromDocument(mrd.header_to_xml(h)) == h
+    buf = mrd.AcquisitionBuffer(h)                          # no XML text: finish() writes it
+    for a in acqs:
+        buf.add(a)
+    scan = buf.finish()
+    assert xsd.CreateFromDocument(scan.header_xml) == h
+    assert mrd.user_parameters(xsd.CreateFromDocument(scan.header_xml))["lorein.protocol_yaml"] == YAML
+
+
 # ------------------------------------------------------------------------------------ raw files
 
 def test_raw_round_trip(raw_file, scan_data):
