@@ -4,10 +4,10 @@ Data: ``qalas_small`` and ``mrf_small`` (session scope) are a raw ISMRMRD file a
 (``qalas_tiny`` and ``mrf_tiny``, 16 x 16 x 8 and 4 coils, are always simulated: the tests that run
 the chains at their defaults).
 They come from ``test_data/qalas_small.h5`` + ``test_data/qalas_small_truth.npz`` (and the mrf pair)
-when those exist, else they are simulated once per session into a temporary folder:
-qalas: matrix (24, 24, 16), 6 coils, R = 8 (per-frame calibration), noise 0.005; mrf: the shipped protocol with n_tr = 100,
-epg_states = 32 and a 40 x 40 x 5 dictionary grid, matrix (24, 24, 16), 6 coils, R = 100,
-calibration mode 'union', noise 0.005 (the parameters of test_data/make_test_data.py).
+when those exist, else they are simulated once per session into a temporary folder with the
+parameters that test_data/make_test_data.py holds (``GEN``; qalas: matrix (24, 24, 16), 6 coils,
+R = 8, noise 0.005; mrf: the shipped protocol with n_tr = 100, epg_states = 32 and a 40 x 40 x 5
+dictionary grid, the same matrix, coils and noise, R = 100; both calibration mode 'union').
 
 Gadgetron's side of an external gadget (:class:`GadgetronSide`, :func:`play`): the tests play the
 server: they start ``python -m gadgetron PORT MODULE TARGET`` exactly as a chain's <execute> says
@@ -51,15 +51,23 @@ def load_script(path: Path):
     return mod
 
 
-QALAS_SPEC = dict(matrix=(24, 24, 16), n_coils=6, accel=8, noise=0.005, seed=0, calib_mode="union")
+GEN = load_script(TEST_DATA / "make_test_data.py")   # the test scans' own parameters
+
+
+def small_spec(name: str) -> dict:
+    """``simulate.simulate``'s arguments for test scan ``name``, from test_data/make_test_data.py
+    (the calibration block is chosen by simulate, as make_test_data's plan_of chooses it)."""
+    case = GEN.CASES[name]
+    return dict(matrix=GEN.MATRIX, accel=case["accel"], calib_mode=case["calib_mode"], **GEN.COMMON)
+
+
+QALAS_SPEC = small_spec("qalas_small")
 # smaller cases for the tests that run LoREIN at its defaults through a chain (a default fit of
 # qalas_tiny takes about a third of qalas_small's, mrf_tiny about a quarter of mrf_small's: ~30 s
 # on 2 cores); simulated once per session, not stored
 QALAS_TINY_SPEC = dict(QALAS_SPEC, matrix=(16, 16, 8), n_coils=4)
-MRF_SPEC = dict(matrix=(24, 24, 16), n_coils=6, accel=100, noise=0.005, seed=0, calib_mode="union")
-MRF_OVERRIDES = dict(n_tr=100, epg_states=32,
-                     dictionary={"t1_ms": [100.0, 6000.0, 40], "t2_ms": [10.0, 3000.0, 40],
-                                 "b1": [0.6, 1.4, 5]})
+MRF_SPEC = small_spec("mrf_small")
+MRF_OVERRIDES = GEN.MRF_OVERRIDES
 MRF_TINY_SPEC = dict(MRF_SPEC, matrix=(16, 16, 8), n_coils=4, accel=50)
 
 

@@ -9,10 +9,8 @@ import h5py
 import ismrmrd.xsd
 import numpy as np
 import pytest
-from conftest import TEST_DATA, load_script
-
-
-gen = load_script(TEST_DATA / "make_test_data.py")
+from conftest import GEN as gen
+from conftest import TEST_DATA
 
 
 def sha(path) -> str:
