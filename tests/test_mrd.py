@@ -95,7 +95,6 @@ def test_header_validates_and_carries_the_contract():
                          sequence_parameters={"TRR": 1.0})
 
 
-
 def test_header_to_xml_under_ismrmrd_1_14(monkeypatch, raw_file):
     """ismrmrd-python 1.14's ToXML (the official Gadgetron images' version) passes its config to
     xsdata's serializer positionally; with xsdata >= 24 (the images pin 24.5) that lands in
