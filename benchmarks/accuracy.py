@@ -31,7 +31,13 @@ import time
 
 import torch
 
-from gadget_lorein import metrics, protocol, recon, simulate
+from gadget_lorein import metrics
+
+from gadget_lorein.physics import protocol
+
+from gadget_lorein.recon import pipeline as recon
+
+from gadget_lorein.sim import simulate
 
 METHODS = ["zerofill", "cg", "llr", "lrr", "pmr", "lorein"]
 SEEDED = ("lrr", "pmr", "lorein")

@@ -1,5 +1,5 @@
 """The held-out lines along one fit: at every held-out check of a network method (``holdout``, see
-gadget_lorein/lorein.py), the held-out loss of each block and the NRMSE of the maps at that step
+gadget_lorein/recon/lorein/fit.py), the held-out loss of each block and the NRMSE of the maps at that step
 against the phantom's truth, as a Markdown table. It runs the reconstruction's own computation
 (``recon.prepare`` + ``lorein.fit``, with the fit's ``monitor`` hook) but without the stop, so the
 whole planned run is seen; the last line names the step the fit keeps and where it would stop.
@@ -18,7 +18,15 @@ import time
 
 import torch
 
-from gadget_lorein import lorein, metrics, protocol, recon, simulate
+from gadget_lorein.recon.lorein import fit as lorein, model
+
+from gadget_lorein import metrics
+
+from gadget_lorein.physics import protocol
+
+from gadget_lorein.recon import pipeline as recon
+
+from gadget_lorein.sim import simulate
 
 
 def main(argv=None):
@@ -60,7 +68,7 @@ def main(argv=None):
     def monitor(step, losses, m):
         if args.method == "lrr":
             m = sub.match(m)
-        out, _ = recon.finish_maps(lorein.map_volumes(m, support, proto.encodes_b1), support)
+        out, _ = recon.finish_maps(model.map_volumes(m, support, proto.encodes_b1), support)
         err = {r: metrics.map_errors(out, truth, r) for r in ("brain", "tissue")}
         trace.append((step, losses[blocks[0]]))
         print(f"| {step} | " + " | ".join(f"{losses[b]:.6f}" for b in blocks) + " | "

@@ -8,11 +8,11 @@ benchmarks/RESULTS.md.
     bash benchmarks/gpu_session.sh                     # a lent GPU's whole session, logs to $OUT
     python benchmarks/speed.py --scaling               # fit time vs matrix size and MRF train length
 
-1. Node path. A qalas (or mrf) scan is simulated (not a node stage), written with mrd.write_raw
+1. Node path. A qalas (or mrf) scan is simulated (not a node stage), written with rawfile.write_raw
    into a temporary directory, and then processed as the node does it, in a fresh process (so that
-   its peak RSS is the node's own): buffering (mrd.iter_raw -> AcquisitionBuffer.add -> finish),
+   its peak RSS is the node's own): buffering (rawfile.iter_raw -> AcquisitionBuffer.add -> finish),
    recon.reconstruct (its own timings: prewhitening, subspace, coil_maps, operator, fit; the
-   per-iteration times come from its progress callback) and image output (mrd.maps_to_images).
+   per-iteration times come from its progress callback) and image output (map_images.maps_to_images).
    The subspace is also built once from scratch (dictionary simulation + SVD, what the first scan
    of a protocol costs; later scans load it from the on-disk cache, a temporary one here).
    NRMSE of every map against the phantom (brain and tissue, gadget_lorein.metrics), and of the same
@@ -51,10 +51,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gadget_lorein import lorein, metrics, mrd, protocol, recon, sampling, sequences, simulate
+from gadget_lorein.recon.lorein import fit as lorein, model
+
+from gadget_lorein import metrics
+
+from gadget_lorein.physics import protocol, sequences
+
+from gadget_lorein.recon import pipeline as recon
+
+from gadget_lorein.sim import sampling, simulate
+from gadget_lorein.io import buffer, map_images, rawfile
 from gadget_lorein.fft import fftnc
-from gadget_lorein.hashgrid import CoordinateNet, HashGridEncoding
-from gadget_lorein.subspace import build_subspace
+from gadget_lorein.recon.lorein.hashgrid import CoordinateNet, HashGridEncoding
+from gadget_lorein.physics.subspace import build_subspace
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 COARSE_DICTIONARY = {"t1_ms": [100.0, 6000.0, 40], "t2_ms": [10.0, 3000.0, 40], "b1": [0.6, 1.4, 5]}
@@ -64,11 +73,11 @@ Produced by `benchmarks/speed.py` (see its docstring); each run with `--record` 
 section below. What is measured:
 
 - **Node path**: a simulated scan is written as a raw ISMRMRD file and processed as the node does it,
-  in a fresh process: buffering (reading the file through `mrd.AcquisitionBuffer`; in the chain the
+  in a fresh process: buffering (reading the file through `buffer.AcquisitionBuffer`; in the chain the
   acquisitions arrive over the socket instead), prewhitening, subspace (cache load; the cold build, i.e.
   dictionary simulation + SVD on the first scan of a protocol, is listed separately), coil maps,
   operator set-up, fit (set-up = CG initialisation + dictionary matching + network set-up, then the
-  iterations), and image output (`mrd.maps_to_images`). Peak host RSS is that process's
+  iterations), and image output (`map_images.maps_to_images`). Peak host RSS is that process's
   `getrusage` maximum (it includes torch itself, listed as "RSS after imports"); peak device memory is
   `torch.cuda.max_memory_allocated`. NRMSE of each map against the phantom, after the benchmark's
   iteration count and after 5x as many ("converged"; the fit may stop early on its own criterion).
@@ -154,7 +163,7 @@ def make_protocol(args, n_tr: int | None = None) -> protocol.Protocol:
 
 def write_scan(sim: simulate.Simulation, proto: protocol.Protocol, path: Path) -> float:
     t = time.perf_counter()
-    mrd.write_raw(path, sim.scan.lines, None, None, sim.scan.noise, proto.name, proto.yaml_text,
+    rawfile.write_raw(path, sim.scan.lines, None, None, sim.scan.noise, proto.name, proto.yaml_text,
                   sim.scan.fov_mm, sequences.sequence_parameters(proto))
     return time.perf_counter() - t
 
@@ -177,8 +186,8 @@ def node_path(raw_path: str, settings: dict, threads: int = 0, cold_subspace: bo
     st = out["stages"]
 
     t = time.perf_counter()
-    xml, acqs = mrd.iter_raw(raw_path)
-    buf = mrd.AcquisitionBuffer(xml)
+    xml, acqs = rawfile.iter_raw(raw_path)
+    buf = buffer.AcquisitionBuffer(xml)
     for acq in acqs:
         buf.add(acq)
     raw = buf.finish()
@@ -220,7 +229,7 @@ def node_path(raw_path: str, settings: dict, threads: int = 0, cold_subspace: bo
 
     if images:
         t = time.perf_counter()
-        imgs = mrd.maps_to_images(result.maps, raw.geometry, method=rs.method,
+        imgs = map_images.maps_to_images(result.maps, raw.geometry, method=rs.method,
                                   extra={"LOREIN_Protocol": result.info.get("protocol", "")})
         st["image_output"] = time.perf_counter() - t
         out["n_images"] = len(imgs)
@@ -403,7 +412,7 @@ def floors_section(args, dev, ctx: dict, ceil: dict) -> str:
     xv = crandn(N, K).requires_grad_(True)
 
     def data_term():
-        loss = op.data_loss(lorein._scatter(xv, support))
+        loss = op.data_loss(model.scatter(xv, support))
         loss.backward()
     t = bench(data_term, dev)
     t_data = t
@@ -416,8 +425,8 @@ def floors_section(args, dev, ctx: dict, ceil: dict) -> str:
         fft_peak, "GFLOP/s")
     del xk
     # hash-grid encoding on the support voxels
-    cfg = lorein.grid_config(support, lorein.FitConfig())          # as the fit builds it
-    coords = lorein.support_coords(support)
+    cfg = model.grid_config(support, lorein.FitConfig())          # as the fit builds it
+    coords = model.support_coords(support)
     enc = HashGridEncoding(cfg).to(dev)
     L, T, Fd = cfg.levels, 2 ** cfg.log2_table, cfg.features
     enc.precompute(coords)                 # keeps only the table entries the voxels reach
@@ -440,7 +449,7 @@ def floors_section(args, dev, ctx: dict, ceil: dict) -> str:
         f"{by2 / 1e6:.0f} MB", by2 / t_enc / 1e9, bw_peak, "GB/s")
     del enc
     # both coordinate networks and Adam, as in the fit
-    out_pmr = 3 + int(proto.encodes_b1 and sub.b1[-1] > sub.b1[0]) + 1     # as lorein.PMR
+    out_pmr = 3 + int(proto.encodes_b1 and sub.b1[-1] > sub.b1[0]) + 1     # as model.PMR
     nets = [CoordinateNet(out_pmr, cfg, 0).to(dev), CoordinateNet(2 * K, cfg, 1).to(dev)]
     for net in nets:
         net.precompute(coords)

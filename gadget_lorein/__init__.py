@@ -11,7 +11,7 @@ that torch's OpenMP (libgomp, which reads it once, when torch loads) lets idle t
 of spin. The node shares its cores with Gadgetron and the chain's other gadgets; with spinning
 threads a descheduled one stalls every parallel operation (benchmarks/RESULTS.md, "CPU threads").
 It takes effect only where the package is imported before torch, as in the gadget's process
-(``python -m gadgetron PORT gadget_lorein.gadget ...``) and the ``lorein`` command.
+(``python -m gadgetron PORT gadget_lorein.node.gadget ...``) and the ``lorein`` command.
 """
 
 import os as _os

@@ -169,7 +169,7 @@ def _say(args, text: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 def _load_protocol(sequence: str | None, protocol_path: str | None):
-    from . import protocol as protocol_mod
+    from .physics import protocol as protocol_mod
     if protocol_path:
         p = Path(protocol_path)
         if not p.is_file():
@@ -188,7 +188,7 @@ def _load_protocol(sequence: str | None, protocol_path: str | None):
 
 def simulation_plan(args):
     """Check and complete the simulation options: (protocol, dict of simulate() arguments)."""
-    from . import sampling
+    from .sim import sampling
     matrix = _check_matrix(args.matrix)
     proto = _load_protocol(args.sequence, args.protocol)
     accel = args.accel if args.accel is not None else DEFAULT_ACCEL.get(proto.kind, 16.0)
@@ -261,7 +261,9 @@ def simulate_to_files(proto, plan: dict, raw_path, truth_path=None, png_path=Non
                       say=None):
     """Simulate, write the raw file (replacing it), the truth .npz and the preview figure.
     Returns (simulation, number of acquisitions written)."""
-    from . import mrd, sampling, sequences, simulate
+    from .sim import sampling, simulate
+    from .physics import sequences
+    from .io import rawfile
     say = say or (lambda text: None)
     nx, ny, nz = plan["matrix"]
     say(f"simulating {proto.name} ({proto.n_frames} frames), matrix {nx}x{ny}x{nz}, {plan['n_coils']} coils, "
@@ -276,7 +278,7 @@ def simulate_to_files(proto, plan: dict, raw_path, truth_path=None, png_path=Non
         raw_path.unlink()
     t0 = time.perf_counter()
     calib_region = sampling.calib_region(ny, nz, plan["calib"])
-    n = mrd.write_raw(raw_path, scan.lines, None, calib_region, scan.noise, proto.name, proto.yaml_text,
+    n = rawfile.write_raw(raw_path, scan.lines, None, calib_region, scan.noise, proto.name, proto.yaml_text,
                       scan.fov_mm, sequences.sequence_parameters(proto), oversampling=oversampling)
     say(f"wrote {raw_path}: {n} acquisitions ({n - len(scan.lines.frame)} noise) in "
         f"{time.perf_counter() - t0:.1f} s")
@@ -308,7 +310,7 @@ def cmd_simulate(args) -> int:
 
 def _add_settings_arguments(p: argparse.ArgumentParser, with_method=True) -> None:
     """The reconstruction settings (recon.ReconSettings / the chain's properties); unset = default."""
-    g = p.add_argument_group("reconstruction settings (default: the gadget's, see gadget_lorein/gadget.py)")
+    g = p.add_argument_group("reconstruction settings (default: the gadget's, see gadget_lorein/node/gadget.py)")
     if with_method:
         g.add_argument("--method", choices=METHODS, help="reconstruction method (default: the gadget's, "
                        "recon.ReconSettings.method)")
@@ -380,7 +382,7 @@ def settings_from_args(args) -> dict:
 
 
 def _validate_settings(settings: dict) -> None:
-    from . import gadget
+    from .node import gadget
     try:
         gadget.parse_settings(settings)
     except ValueError as err:
@@ -409,9 +411,9 @@ def _check_truth_shape(maps: dict, truth: dict, path) -> None:
 
 def _check_truth_matrix(raw, truth: dict, path) -> None:
     """Before a long reconstruction: the truth must have the raw header's recon matrix."""
-    from . import mrd
-    xml, _ = mrd.iter_raw(raw)
-    space = mrd.parse_header(xml).encoding[0].reconSpace.matrixSize
+    from .io import header, rawfile
+    xml, _ = rawfile.iter_raw(raw)
+    space = header.parse_header(xml).encoding[0].reconSpace.matrixSize
     want = (int(space.z), int(space.y), int(space.x))
     if tuple(truth["T1"].shape) != want:
         raise UsageError(f"truth file {path} has volumes of shape {tuple(truth['T1'].shape)} (nz, ny, nx) "
@@ -432,14 +434,15 @@ def _replace_group(path: Path, group: str) -> None:
 
 def run_recon(raw, out, settings: dict, group: str | None, say=None):
     """gadget.recon_file (the gadget's own code path) -> (maps dict, images, seconds)."""
-    from . import gadget, mrd
+    from .io import map_images
+    from .node import gadget
     say = say or (lambda text: None)
     if group:
         _replace_group(Path(out), group)
     t0 = time.perf_counter()
     images = gadget.recon_file(str(raw), str(out), settings, group=group)
     seconds = time.perf_counter() - t0
-    maps = mrd.images_to_maps([im for im in images if int(im.image_series_index) < 100])
+    maps = map_images.images_to_maps([im for im in images if int(im.image_series_index) < 100])
     say(f"reconstructed {', '.join(k for k in MAP_ORDER if k in maps)} in {seconds:.1f} s -> {out}")
     return maps, images, seconds
 
@@ -475,7 +478,7 @@ def cmd_recon(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 def cmd_replay(args) -> int:
-    from . import replay
+    from .node import replay
     _check_input(args.input, "raw file")
     if args.config_local:
         _check_input(args.config_local, "chain file", hdf5=False)
@@ -506,7 +509,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def cmd_serve(args) -> int:
-    from . import gadget
+    from .node import gadget
     settings = settings_from_args(args)
     _validate_settings(settings)
     _check_port_free(args.host, args.port)
@@ -637,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from_replay = None
     try:
-        from .replay import add_replay_arguments
+        from .node.replay import add_replay_arguments
         from_replay = add_replay_arguments
     except ImportError:       # pragma: no cover - replay imports only h5py/ismrmrd/numpy/tqdm
         pass
@@ -677,9 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_error_types() -> tuple:
     """Exceptions that mean the input or the settings are wrong (not a bug)."""
     types = [UsageError]
-    mods = {"gadget_lorein.mrd": "MRDError", "gadget_lorein.recon": "ReconError",
-            "gadget_lorein.protocol": "ProtocolError", "gadget_lorein.calibration": "CalibrationError",
-            "gadget_lorein.gadget": "SettingsError", "gadget_lorein.replay": "ReplayError"}
+    mods = {"gadget_lorein.io.header": "MRDError", "gadget_lorein.recon.pipeline": "ReconError",
+            "gadget_lorein.physics.protocol": "ProtocolError", "gadget_lorein.recon.calibration": "CalibrationError",
+            "gadget_lorein.node.gadget": "SettingsError", "gadget_lorein.node.replay": "ReplayError"}
     for mod, name in mods.items():
         m = sys.modules.get(mod)
         if m is not None and hasattr(m, name):

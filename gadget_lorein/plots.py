@@ -61,7 +61,7 @@ def simulation_figure(sim, proto, path, accel: float | None = None, frame: int =
     import torch
 
     from .fft import ifftnc
-    from .simulate import contrast_images
+    from .sim.simulate import contrast_images
 
     truth = sim.truth()
     maps = [k for k in MAP_ORDER if k in truth]

@@ -42,7 +42,7 @@ FILES = [f"{name}{suffix}" for name in CASES for suffix in (".h5", "_truth.npz")
 
 
 def protocol_of(name: str):
-    from gadget_lorein import protocol
+    from gadget_lorein.physics import protocol
     case = CASES[name]
     proto = protocol.load(case["protocol"])
     if case["overrides"]:
@@ -51,7 +51,7 @@ def protocol_of(name: str):
 
 
 def plan_of(name: str, proto) -> dict:
-    from gadget_lorein import sampling
+    from gadget_lorein.sim import sampling
     case = CASES[name]
     nx, ny, nz = MATRIX
     calib = sampling.auto_calib(proto.n_frames, ny, nz, case["accel"], case["calib_mode"])

@@ -37,7 +37,8 @@ import pytest
 # the in-process reference fits here, and every gadget and server started from this environment,
 # let idle OpenMP threads sleep while they share the cores (a default fit of qalas_tiny took 88 s
 # here against 35 s in the gadget before the pytest process had it)
-from gadget_lorein import metrics, mrd
+from gadget_lorein import metrics
+from gadget_lorein.io import header, map_images, rawfile
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "test_data"
@@ -112,7 +113,8 @@ def simulator(sequence: str, spec: dict, overrides: dict | None = None):
     """A function of a path that simulates the shipped ``sequence`` protocol (with ``overrides``)
     at ``spec`` into that raw file, its truth beside it, and returns the truth."""
     def make(path: Path) -> dict:
-        from gadget_lorein import protocol, simulate
+        from gadget_lorein.physics import protocol
+        from gadget_lorein.sim import simulate
         proto = protocol.load(sequence)
         if overrides:
             proto = proto.with_overrides(**overrides)
@@ -121,9 +123,9 @@ def simulator(sequence: str, spec: dict, overrides: dict | None = None):
 
 
 def _write(path: Path, proto, sim) -> dict:
-    from gadget_lorein import mrd, sequences
+    from gadget_lorein.physics import sequences
     scan = sim.scan
-    mrd.write_raw(path, scan.lines, None, None, scan.noise, proto.name, proto.yaml_text, scan.fov_mm,
+    rawfile.write_raw(path, scan.lines, None, None, scan.noise, proto.name, proto.yaml_text, scan.fov_mm,
                   sequences.sequence_parameters(proto))
     truth = sim.truth()
     np.savez_compressed(path.with_name(path.stem + "_truth.npz"), **truth)
@@ -134,12 +136,13 @@ def warm_subspace(raw) -> None:
     """Build (or load) the subspace of the file's protocol with the default rank/energy, so that it
     is in the on-disk cache (~/.cache/gadget_lorein or $LOREIN_CACHE_DIR) before a gadget process
     needs it: the dictionary simulation is then not charged to a test's timeout."""
-    from gadget_lorein import mrd, protocol, recon
-    from gadget_lorein.subspace import build_subspace
-    xml, _ = mrd.iter_raw(raw)
-    ups = mrd.user_parameters(xml)
-    proto = (protocol.from_yaml(ups[mrd.UP_PROTOCOL_YAML]) if mrd.UP_PROTOCOL_YAML in ups
-             else protocol.load(ups[mrd.UP_PROTOCOL]))
+    from gadget_lorein.physics import protocol
+    from gadget_lorein.recon import pipeline as recon
+    from gadget_lorein.physics.subspace import build_subspace
+    xml, _ = rawfile.iter_raw(raw)
+    ups = header.user_parameters(xml)
+    proto = (protocol.from_yaml(ups[header.UP_PROTOCOL_YAML]) if header.UP_PROTOCOL_YAML in ups
+             else protocol.load(ups[header.UP_PROTOCOL]))
     s = recon.ReconSettings()
     build_subspace(proto, s.rank or None, s.energy, device="cpu")
 
@@ -209,8 +212,8 @@ def meta(img, key):
 
 def expected_geometry(raw_path):
     """Recon matrix and FOV from the header, position and directions from the last imaging line."""
-    xml, acqs = mrd.iter_raw(raw_path)
-    enc = mrd.parse_header(xml).encoding[0].reconSpace
+    xml, acqs = rawfile.iter_raw(raw_path)
+    enc = header.parse_header(xml).encoding[0].reconSpace
     last = None
     for a in acqs:
         if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
@@ -322,8 +325,7 @@ class PlayResult:
     seconds: float = 0.0
 
     def maps(self) -> dict:
-        from gadget_lorein import mrd
-        return mrd.images_to_maps([i for i in self.images if i.image_series_index < 100])
+        return map_images.images_to_maps([i for i in self.images if i.image_series_index < 100])
 
 
 class _Receiver(threading.Thread):
@@ -367,7 +369,7 @@ def header_bytes(header) -> bytes:
         return header
     if isinstance(header, str):
         return header.encode("utf-8")
-    return mrd.header_to_xml(header).encode("utf-8")
+    return header.header_to_xml(header).encode("utf-8")
 
 
 def converse(sock, config_text: str, header, items, close: bool = True, abort: bool = False,
@@ -453,8 +455,7 @@ def play(chain: Chain, header, items, close: bool = True, abort: bool = False, t
 
 def raw_items(path):
     """(header bytes, acquisitions) of a raw file."""
-    from gadget_lorein import mrd
-    xml, acqs = mrd.iter_raw(path)
+    xml, acqs = rawfile.iter_raw(path)
     return xml.encode("utf-8"), acqs
 
 

@@ -57,10 +57,12 @@ PMR_SLACK = {"T1": 0.02, "T2": 0.0, "PD": 0.01}
 _RUNNER = textwrap.dedent("""
     import json, sys
     import numpy as np, torch
-    from gadget_lorein import metrics, mrd, recon
+    from gadget_lorein import metrics
+    from gadget_lorein.recon import pipeline as recon
+    from gadget_lorein.io import rawfile
     torch.set_num_threads(1)
     raw, truth_path, jobs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    scan = mrd.read_raw(raw)
+    scan = rawfile.read_raw(raw)
     with np.load(truth_path) as z:
         truth = {k: z[k] for k in z.files}
     out = []

@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gadget_lorein import __version__, cli, mrd, recon
+from gadget_lorein import __version__, cli
+
+from gadget_lorein.recon import pipeline as recon
+from gadget_lorein.io import map_images
 
 LOREIN = Path(sys.executable).with_name("lorein")
 TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
@@ -137,14 +140,14 @@ def test_no_command_and_version():
 
 @pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_idle_openmp_threads_sleep_unless_told_otherwise(given, expected):
-    """The gadget's process (``python -m gadgetron PORT gadget_lorein.gadget ...``) imports the
+    """The gadget's process (``python -m gadgetron PORT gadget_lorein.node.gadget ...``) imports the
     package first: OMP_WAIT_POLICY must be set before torch (and its libgomp) loads, and a value
     the user set must be kept."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if given:
         env["OMP_WAIT_POLICY"] = given
     code = ("import os, sys, gadget_lorein; assert 'torch' not in sys.modules; "
-            "print(os.environ['OMP_WAIT_POLICY']); import gadget_lorein.gadget; "
+            "print(os.environ['OMP_WAIT_POLICY']); import gadget_lorein.node.gadget; "
             "assert 'torch' in sys.modules")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=120)
@@ -193,16 +196,16 @@ def test_simulate_then_recon_round_trip(tmp_path):
     assert set(rows) == {"T1", "T2", "PD"}, res.stdout
     assert all(np.isfinite(v).all() for v in rows.values())
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    images = mrd.read_images(out, "cg")
-    maps = mrd.images_to_maps(images)
+    images = map_images.read_images(out, "cg")
+    maps = map_images.images_to_maps(images)
     assert sorted(maps) == ["PD", "T1", "T2"] and maps["T1"].shape == (16, 24, 24)
     assert {im.meta["LOREIN_Method"] for im in images} == {"CG"}
     # the same group again is replaced, not appended to; another group sits beside it
     assert run(*args, "-q").returncode == 0
-    assert len(mrd.read_images(out, "cg")) == 3
+    assert len(map_images.read_images(out, "cg")) == 3
     res = run("recon", raw, "-o", out, "--method", "zerofill", "-G", "zf", "--images-2d", "-q")
     assert res.returncode == 0, res.stderr
-    assert len(mrd.read_images(out, "zf")) == 3 * 16 and len(mrd.read_images(out, "cg")) == 3
+    assert len(map_images.read_images(out, "zf")) == 3 * 16 and len(map_images.read_images(out, "cg")) == 3
 
     # truth of another scan: a clear error
     other = tmp_path / "other_truth.npz"
@@ -222,7 +225,7 @@ def test_demo_tiny(tmp_path):
         assert name in res.stdout
     rows = _nrmse_rows(res.stdout)
     assert set(rows) == {"T1", "T2", "PD"}, res.stdout
-    maps = mrd.images_to_maps(mrd.read_images(out / "maps.h5", cli.DEMO_GROUP))
+    maps = map_images.images_to_maps(map_images.read_images(out / "maps.h5", cli.DEMO_GROUP))
     assert sorted(maps) == ["PD", "T1", "T2"]
     assert "demo 3/3" in res.stderr
 

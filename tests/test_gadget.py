@@ -1,6 +1,6 @@
 """The gadget end to end without a Gadgetron: the tests play Gadgetron's side of the external-gadget
 protocol on loopback (conftest.play / converse): they start ``python -m gadgetron PORT
-gadget_lorein.gadget reconstruct`` exactly as config_xml/lorein.xml's <execute> says (or connect to
+gadget_lorein.node.gadget reconstruct`` exactly as config_xml/lorein.xml's <execute> says (or connect to
 ``lorein serve``, as lorein_connect.xml's <connect> does), send the chain's <configuration> as the
 CONFIG message, the header and every acquisition, and read back images, ERROR messages and CLOSE.
 
@@ -28,7 +28,9 @@ import pytest
 
 from conftest import (REPO, stop_process, unknown_protocol, chain_copy, check_accuracy, check_images, converse, expected_geometry,
                       gadget_env, header_bytes_without_attr_len, meta, play, raw_items, read_chain, serve_command, wait_listening)
-from gadget_lorein import gadget, mrd, recon
+from gadget_lorein.node import gadget
+from gadget_lorein.recon import pipeline as recon
+from gadget_lorein.io import header, map_images, rawfile
 
 LOREIN_XML = REPO / "config_xml" / "lorein.xml"
 CONNECT_XML = REPO / "config_xml" / "lorein_connect.xml"
@@ -54,7 +56,7 @@ def check_clean(result):
 def test_chain_lorein_qalas(qalas_small, tmp_path):
     """Method lorein (10 iterations): three maps, right geometry and meta, accurate."""
     chain = read_chain(fast_chain(tmp_path, method="lorein", iterations="10"))
-    assert (chain.module, chain.target) == ("gadget_lorein.gadget", "reconstruct")
+    assert (chain.module, chain.target) == ("gadget_lorein.node.gadget", "reconstruct")
     header, acqs = raw_items(qalas_small.raw)
     result = play(chain, header, acqs, timeout=55)
     check_clean(result)
@@ -74,7 +76,7 @@ def test_chain_mrf_cg(mrf_small, tmp_path):
     check_images(result.images, mrf_small, "CG")
     check_accuracy(result.maps(), mrf_small, "mrf", "cg")
     # the library on the same file, without the gadget: the very same maps
-    reference = recon.reconstruct(mrd.read_raw(mrf_small.raw).to_scan(),
+    reference = recon.reconstruct(rawfile.read_raw(mrf_small.raw).to_scan(),
                                   recon.ReconSettings(method="cg", iterations=5, coil_maps="lowres"))
     maps = result.maps()
     assert sorted(maps) == sorted(reference.maps)
@@ -115,9 +117,9 @@ def test_recon_file_equals_chain(qalas_small, tmp_path):
 
     settings = dict(chain.properties)
     offline = gadget.recon_file(qalas_small.raw, tmp_path / "out.h5", settings, group="run")
-    stored = mrd.read_images(tmp_path / "out.h5", "run")
+    stored = map_images.read_images(tmp_path / "out.h5", "run")
     assert len(offline) == len(stored) == len(result.images) == 3
-    chain_maps, file_maps = result.maps(), mrd.images_to_maps(stored)
+    chain_maps, file_maps = result.maps(), map_images.images_to_maps(stored)
     for name in chain_maps:
         assert np.array_equal(chain_maps[name], file_maps[name]), name
     by_series = {i.image_series_index: i for i in result.images}
@@ -171,7 +173,7 @@ def test_chain_options(qalas_small, tmp_path):
 def _serve_cmd(port):
     if (REPO / "gadget_lorein" / "cli.py").exists():
         return serve_command(port)
-    return [sys.executable, "-c", f"from gadget_lorein.gadget import serve; serve({port})"]
+    return [sys.executable, "-c", f"from gadget_lorein.node.gadget import serve; serve({port})"]
 
 
 def _free_port():
@@ -256,10 +258,10 @@ def test_serve_peer_vanishes_before_config():
 # --------------------------------------------------------------------------------------------
 
 def _header(raw_path, edit):
-    xml, _ = mrd.iter_raw(raw_path)
+    xml, _ = rawfile.iter_raw(raw_path)
     h = ismrmrd.xsd.CreateFromDocument(xml.encode())
     edit(h)
-    return mrd.header_to_xml(h).encode("utf-8")
+    return header.header_to_xml(h).encode("utf-8")
 
 
 def _no_encoding(h):

@@ -24,8 +24,9 @@ import pytest
 
 from conftest import (REPO, stop_process, unknown_protocol, THRESHOLDS, chain_copy, check_accuracy, check_images, gadget_env,
                       header_bytes_without_attr_len, read_chain, serve_command, wait_listening)
-from gadget_lorein import gadget, mrd
-from gadget_lorein import replay as rp
+from gadget_lorein.node import gadget
+from gadget_lorein.io import header, map_images
+from gadget_lorein.node import replay as rp
 from gadgetron_server import GadgetronServer, free_port, require_gadgetron
 
 pytestmark = pytest.mark.gadgetron
@@ -95,7 +96,7 @@ def same_files(a, b, group):
 def assert_maps_equal(images, reference_images):
     """The same maps (float tolerance), the same meta attributes and the same image headers (but
     attribute_string_len, which HDF5 writers fill differently)."""
-    got, ref = mrd.images_to_maps(images), mrd.images_to_maps(reference_images)
+    got, ref = map_images.images_to_maps(images), map_images.images_to_maps(reference_images)
     assert sorted(got) == sorted(ref)
     diff = max(float(np.max(np.abs(got[k] - ref[k]))) for k in got)
     print(f"maps vs reference: largest difference {diff:.3g}")
@@ -133,9 +134,9 @@ def test_stock_client_replay_and_recon_agree_qalas(server, qalas_small, tmp_path
     out_stock, out_replay = tmp_path / "stock.h5", tmp_path / "replay.h5"
     proc = stock(server, ["-f", qalas_small.raw, "-C", server.fast_chain, "-o", out_stock, "-G", "run"])
     assert proc.returncode == 0 and "ERROR" not in proc.stdout, proc.stdout + proc.stderr + new_log(server, start)
-    images = mrd.read_images(out_stock, "run")
+    images = map_images.read_images(out_stock, "run")
     check_images(images, qalas_small, "CG")
-    check_accuracy(mrd.images_to_maps(images), qalas_small, "qalas", "cg")
+    check_accuracy(map_images.images_to_maps(images), qalas_small, "qalas", "cg")
 
     proc = lorein_replay(server, qalas_small.raw, out_replay, "-C", server.fast_chain, "-G", "run")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -152,9 +153,9 @@ def test_stock_client_mrf(server, mrf_small, tmp_path):
     out = tmp_path / "stock.h5"
     proc = stock(server, ["-f", mrf_small.raw, "-C", server.fast_chain, "-o", out, "-G", "run"])
     assert proc.returncode == 0 and "ERROR" not in proc.stdout, proc.stdout + proc.stderr + server.log_text()[-4000:]
-    images = mrd.read_images(out, "run")
+    images = map_images.read_images(out, "run")
     check_images(images, mrf_small, "CG")
-    check_accuracy(mrd.images_to_maps(images), mrf_small, "mrf", "cg")
+    check_accuracy(map_images.images_to_maps(images), mrf_small, "mrf", "cg")
     assert_maps_equal(images, offline(mrf_small.raw, tmp_path, server.fast_chain))
 
 
@@ -183,11 +184,11 @@ def test_by_name_as_shipped_mrf(server, mrf_tiny, tmp_path):
     proc = stock(server, ["-f", mrf_tiny.raw, "-c", "lorein.xml", "-o", out, "-G", "run"], timeout=590)
     print(f"as shipped ({read_chain(LOREIN_XML).properties}): {time.monotonic() - t0:.1f} s")
     assert proc.returncode == 0 and "ERROR" not in proc.stdout, proc.stdout + proc.stderr + server.log_text()[-4000:]
-    images = mrd.read_images(out, "run")
+    images = map_images.read_images(out, "run")
     method = read_chain(LOREIN_XML).properties["method"]
     check_images(images, mrf_tiny, chain_method(LOREIN_XML))
     if ("mrf", method) in THRESHOLDS:
-        check_accuracy(mrd.images_to_maps(images), mrf_tiny, "mrf", method)
+        check_accuracy(map_images.images_to_maps(images), mrf_tiny, "mrf", method)
 
 
 @pytest.mark.timeout(600)
@@ -195,7 +196,7 @@ def test_by_name_as_shipped_qalas(server, qalas_tiny, shipped_reference, tmp_pat
     out = tmp_path / "stock.h5"
     proc = stock(server, ["-f", qalas_tiny.raw, "-c", "lorein.xml", "-o", out, "-G", "run"], timeout=590)
     assert proc.returncode == 0 and "ERROR" not in proc.stdout, proc.stdout + proc.stderr + server.log_text()[-4000:]
-    images = mrd.read_images(out, "run")
+    images = map_images.read_images(out, "run")
     check_images(images, qalas_tiny, chain_method(LOREIN_XML))
     assert_maps_equal(images, shipped_reference)
 
@@ -219,7 +220,7 @@ def test_passive_serve_as_shipped(server, qalas_tiny, shipped_reference, tmp_pat
         stop_process(gadget_proc)
     assert proc.returncode == 0, proc.stdout + proc.stderr + log[-3000:]
     assert rc == 0, log[-4000:]
-    images = mrd.read_images(out, "run")
+    images = map_images.read_images(out, "run")
     check_images(images, qalas_tiny, chain_method(CONNECT_XML))
     assert_maps_equal(images, shipped_reference)
 
@@ -243,7 +244,7 @@ def _unknown_protocol_copy(raw, path):
     with h5py.File(path, "r+") as f:
         h = ismrmrd.xsd.CreateFromDocument(f["dataset/xml"][0])
         unknown_protocol(h)
-        f["dataset/xml"][0] = mrd.header_to_xml(h).encode("utf-8")
+        f["dataset/xml"][0] = header.header_to_xml(h).encode("utf-8")
     return path
 
 
@@ -291,7 +292,7 @@ def test_bad_input_through_server(case, server, qalas_small, tmp_path):
     good = rp.replay(qalas_small.raw, tmp_path / "good.h5", port=server.port, config_file=server.fast_chain,
                      out_group="run", timeout=120, progress=False)
     assert good.images == {"image_1": 1, "image_2": 1, "image_3": 1} and not good.errors
-    check_images(mrd.read_images(tmp_path / "good.h5", "run"), qalas_small, "CG")
+    check_images(map_images.read_images(tmp_path / "good.h5", "run"), qalas_small, "CG")
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,4 +365,4 @@ def test_four_replays_at_once(server, qalas_small, tmp_path):
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out
     for i in range(4):
-        assert_maps_equal(mrd.read_images(tmp_path / f"out{i}.h5", "run"), reference)
+        assert_maps_equal(map_images.read_images(tmp_path / f"out{i}.h5", "run"), reference)

@@ -1,4 +1,4 @@
-"""A real Gadgetron server, the stock client and `gadget_lorein.replay` against stock chains and small
+"""A real Gadgetron server, the stock client and `gadget_lorein.node.replay` against stock chains and small
 probe gadgets (no project physics needed). Marked `gadgetron`; skipped without a Gadgetron (see
 gadgetron_server.ENABLE_HINT), failed instead when CI=true."""
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import ismrmrd
-from gadget_lorein import replay as rp
+from gadget_lorein.node import replay as rp
 from gadgetron_server import REPO, GadgetronServer, free_port, listening, require_gadgetron
 
 HEADER = """<?xml version="1.0" encoding="UTF-8"?>

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gadget_lorein.hashgrid import CoordinateNet, HashGridConfig, HashGridEncoding
+from gadget_lorein.recon.lorein.hashgrid import CoordinateNet, HashGridConfig, HashGridEncoding
 
 
 def _reference(enc: HashGridEncoding, coords):

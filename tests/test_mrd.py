@@ -6,8 +6,7 @@ import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
 import pytest
-
-from gadget_lorein import mrd
+from gadget_lorein.io import buffer, header, map_images, rawfile
 from gadget_lorein.data import KSpaceLines
 
 C, F, NZ, NY, NX = 4, 3, 8, 12, 10
@@ -37,7 +36,7 @@ def scan_data():
 def raw_file(tmp_path_factory, scan_data):
     k, mask, calib, noise = scan_data
     path = tmp_path_factory.mktemp("raw") / "raw.h5"
-    n = mrd.write_raw(path, k, mask, calib, noise, "qalas", YAML, FOV, SEQ)
+    n = rawfile.write_raw(path, k, mask, calib, noise, "qalas", YAML, FOV, SEQ)
     assert n == 4 + mask.sum()
     return path
 
@@ -46,7 +45,7 @@ def raw_file(tmp_path_factory, scan_data):
 def raw_file_os2(tmp_path_factory, scan_data):
     k, mask, calib, noise = scan_data
     path = tmp_path_factory.mktemp("raw") / "raw_os2.h5"
-    mrd.write_raw(path, k, mask, calib, np.tile(noise, 2), "qalas", YAML, FOV, SEQ, oversampling=2)
+    rawfile.write_raw(path, k, mask, calib, np.tile(noise, 2), "qalas", YAML, FOV, SEQ, oversampling=2)
     return path
 
 
@@ -64,7 +63,7 @@ def _check_scan(scan, scan_data):
 # ------------------------------------------------------------------------------------ header
 
 def test_header_validates_and_carries_the_contract():
-    xml = mrd.build_header(matrix=(NX, NY, NZ), fov_mm=FOV, n_coils=C, n_frames=F, protocol_name="qalas",
+    xml = header.build_header(matrix=(NX, NY, NZ), fov_mm=FOV, n_coils=C, n_frames=F, protocol_name="qalas",
                            protocol_yaml=YAML, sequence_parameters=SEQ, oversampling=2)
     h = xsd.CreateFromDocument(xml)
     assert len(h.encoding) == 1
@@ -86,12 +85,12 @@ def test_header_validates_and_carries_the_contract():
     assert sp.sequence_type == "QALAS"
     mi = h.measurementInformation
     assert mi.protocolName == "qalas" and mi.patientPosition.value == "HFS" and mi.measurementID
-    ups = mrd.user_parameters(h)
+    ups = header.user_parameters(h)
     assert ups["lorein.protocol"] == "qalas"
     assert ups["lorein.protocol_yaml"] == YAML           # exact, non-ASCII included
     assert ups["lorein.n_frames"] == F and ups["lorein.readout_oversampling"] == 2
     with pytest.raises(ValueError, match="unknown sequence_parameters"):
-        mrd.build_header(matrix=(NX, NY, NZ), fov_mm=FOV, n_coils=C, n_frames=F, protocol_name="x",
+        header.build_header(matrix=(NX, NY, NZ), fov_mm=FOV, n_coils=C, n_frames=F, protocol_name="x",
                          sequence_parameters={"TRR": 1.0})
 
 
@@ -108,26 +107,26 @@ def test_header_to_xml_under_ismrmrd_1_14(monkeypatch, raw_file):
         serializer = XmlSerializer(SerializerConfig(encoding=encoding))
         return serializer.render(header, ns_map={"": "http://www.ismrm.org/ISMRMRD"})
 
-    xml, acqs = mrd.iter_raw(raw_file)
+    xml, acqs = rawfile.iter_raw(raw_file)
     h = xsd.CreateFromDocument(xml)
-    want = xsd.CreateFromDocument(mrd.header_to_xml(h))
+    want = xsd.CreateFromDocument(header.header_to_xml(h))
     assert want == h
     monkeypatch.setattr(xsd, "ToXML", to_xml_1_14)
     with pytest.raises(AttributeError):
         xsd.ToXML(h, encoding="utf-8")                      # the failure being mended
-    assert xsd.CreateFromDocument(mrd.header_to_xml(h)) == h
-    buf = mrd.AcquisitionBuffer(h)                          # no XML text: finish() writes it
+    assert xsd.CreateFromDocument(header.header_to_xml(h)) == h
+    buf = buffer.AcquisitionBuffer(h)                          # no XML text: finish() writes it
     for a in acqs:
         buf.add(a)
     scan = buf.finish()
     assert xsd.CreateFromDocument(scan.header_xml) == h
-    assert mrd.user_parameters(xsd.CreateFromDocument(scan.header_xml))["lorein.protocol_yaml"] == YAML
+    assert header.user_parameters(xsd.CreateFromDocument(scan.header_xml))["lorein.protocol_yaml"] == YAML
 
 
 # ------------------------------------------------------------------------------------ raw files
 
 def test_raw_round_trip(raw_file, scan_data):
-    scan = mrd.read_raw(raw_file)
+    scan = rawfile.read_raw(raw_file)
     _check_scan(scan, scan_data)
     g = scan.geometry
     assert g.matrix == (NX, NY, NZ) and g.fov_mm == FOV and g.shape == (NZ, NY, NX)
@@ -169,10 +168,10 @@ def test_raw_file_acquisition_headers(raw_file, scan_data):
 
 
 def test_shuffled_acquisitions_give_the_same_scan(raw_file, scan_data):
-    xml, acqs = mrd.iter_raw(raw_file)
+    xml, acqs = rawfile.iter_raw(raw_file)
     acqs = list(acqs)
     order = np.random.default_rng(5).permutation(len(acqs))
-    buf = mrd.AcquisitionBuffer(xsd.CreateFromDocument(xml), header_xml=xml)
+    buf = buffer.AcquisitionBuffer(xsd.CreateFromDocument(xml), header_xml=xml)
     tags = [buf.add(acqs[i]) for i in order]
     assert tags.count("noise") == 4 and tags.count("data") == len(acqs) - 4
     scan = buf.finish()
@@ -190,9 +189,9 @@ def test_shuffled_acquisitions_give_the_same_scan(raw_file, scan_data):
         g = f.create_group("dataset")
         g.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))[0] = xml_bytes
         g.create_dataset("data", data=rows[order], maxshape=(None,))
-    again = mrd.read_raw(path)
+    again = rawfile.read_raw(path)
     np.testing.assert_array_equal(again.kspace, k)
-    np.testing.assert_array_equal(again.lines.data, mrd.read_raw(raw_file).lines.data)
+    np.testing.assert_array_equal(again.lines.data, rawfile.read_raw(raw_file).lines.data)
 
 
 def test_kspace_lines_input_writes_the_same_file(tmp_path, scan_data):
@@ -201,18 +200,18 @@ def test_kspace_lines_input_writes_the_same_file(tmp_path, scan_data):
     perm = np.random.default_rng(2).permutation(len(lines.frame))      # any line order
     lines = KSpaceLines(lines.data[perm], lines.frame[perm], lines.kz[perm], lines.ky[perm],
                         lines.calib[perm], F, NZ, NY)
-    mrd.write_raw(tmp_path / "l.h5", lines, None, None, noise, "qalas", YAML, FOV, SEQ)
-    _check_scan(mrd.read_raw(tmp_path / "l.h5"), scan_data)
+    rawfile.write_raw(tmp_path / "l.h5", lines, None, None, noise, "qalas", YAML, FOV, SEQ)
+    _check_scan(rawfile.read_raw(tmp_path / "l.h5"), scan_data)
 
 
 def test_oversampling_round_trip(raw_file_os2, scan_data):
     k, mask, calib, noise = scan_data
-    xml, acqs = mrd.iter_raw(raw_file_os2)
+    xml, acqs = rawfile.iter_raw(raw_file_os2)
     h = xsd.CreateFromDocument(xml)
     assert h.encoding[0].encodedSpace.matrixSize.x == 2 * NX
     first = next(a for a in acqs if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT))
     assert first.number_of_samples == 2 * NX and first.center_sample == NX
-    scan = mrd.read_raw(raw_file_os2)
+    scan = rawfile.read_raw(raw_file_os2)
     assert scan.kspace.shape == k.shape
     np.testing.assert_allclose(scan.kspace, k, atol=1e-5 * np.abs(k).max())
     np.testing.assert_array_equal(scan.mask, mask)
@@ -226,7 +225,7 @@ def test_oversampling_round_trip(raw_file_os2, scan_data):
 def _header(**kw):
     args = dict(matrix=(NX, NY, NZ), fov_mm=FOV, n_coils=C, n_frames=F, protocol_name="qalas")
     args.update(kw)
-    return xsd.CreateFromDocument(mrd.build_header(**args))
+    return xsd.CreateFromDocument(header.build_header(**args))
 
 
 def _acq(ky=0, kz=0, frame=0, nc=C, ns=NX, flags=0, data=None, center=None):
@@ -242,7 +241,7 @@ def _acq(ky=0, kz=0, frame=0, nc=C, ns=NX, flags=0, data=None, center=None):
 
 
 def test_buffer_tags_geometry_and_repeated_lines():
-    buf = mrd.AcquisitionBuffer(_header())
+    buf = buffer.AcquisitionBuffer(_header())
     assert buf.add(_acq(flags=_bit(ismrmrd.ACQ_IS_NOISE_MEASUREMENT))) == "noise"
     assert buf.add(_acq(flags=_bit(ismrmrd.ACQ_IS_NAVIGATION_DATA))) == "ignored"
     assert buf.add(_acq(flags=_bit(ismrmrd.ACQ_IS_PHASECORR_DATA))) == "ignored"
@@ -260,7 +259,7 @@ def test_buffer_tags_geometry_and_repeated_lines():
     g = scan.geometry
     assert g.position == (1, 2, 3) and g.read_dir == (0, 1, 0) and g.phase_dir == (1, 0, 0)
     assert g.measurement_uid == 42
-    with pytest.raises(mrd.MRDError, match="finished"):
+    with pytest.raises(header.MRDError, match="finished"):
         buf.add(_acq())
 
 
@@ -268,7 +267,7 @@ def test_buffer_limits_centre_and_asymmetric_echo():
     h = _header()
     lim = h.encoding[0].encodingLimits
     lim.kspace_encoding_step_1 = xsd.limitType(minimum=0, maximum=NY - 3, center=NY // 2 - 2)
-    buf = mrd.AcquisitionBuffer(h)
+    buf = buffer.AcquisitionBuffer(h)
     buf.add(_acq(ky=0, kz=1))                                   # counter 0 -> index 2
     data = np.arange(1, 8, dtype=np.complex64)[None].repeat(C, 0)
     buf.add(_acq(ky=NY // 2 - 2, kz=0, ns=7, center=3, data=data))  # asymmetric echo: 7 samples
@@ -297,8 +296,8 @@ def _bad_header(mutate):
     (lambda h: setattr(h.encoding[0].encodingLimits.slice, "maximum", 2), "slice"),
 ])
 def test_bad_headers(mutate, message):
-    with pytest.raises(mrd.MRDError, match=message):
-        mrd.AcquisitionBuffer(_bad_header(mutate))
+    with pytest.raises(header.MRDError, match=message):
+        buffer.AcquisitionBuffer(_bad_header(mutate))
 
 
 @pytest.mark.parametrize("acq, message", [
@@ -313,17 +312,17 @@ def test_bad_headers(mutate, message):
     (lambda: _acq(data=np.full((C, NX), np.inf)), "NaN or Inf"),
 ])
 def test_bad_acquisitions(acq, message):
-    buf = mrd.AcquisitionBuffer(_header())
-    with pytest.raises(mrd.MRDError, match=message):
+    buf = buffer.AcquisitionBuffer(_header())
+    with pytest.raises(header.MRDError, match=message):
         buf.add(acq())
 
 
 def test_mrderror_is_valueerror_and_empty_scan():
-    assert issubclass(mrd.MRDError, ValueError)
-    with pytest.raises(mrd.MRDError, match="no imaging"):
-        mrd.AcquisitionBuffer(_header()).finish()
-    with pytest.raises(mrd.MRDError, match="does not parse"):
-        mrd.AcquisitionBuffer("<ismrmrdHeader><nonsense/></ismrmrdHeader>")
+    assert issubclass(header.MRDError, ValueError)
+    with pytest.raises(header.MRDError, match="no imaging"):
+        buffer.AcquisitionBuffer(_header()).finish()
+    with pytest.raises(header.MRDError, match="does not parse"):
+        buffer.AcquisitionBuffer("<ismrmrdHeader><nonsense/></ismrmrdHeader>")
 
 
 # ------------------------------------------------------------------------------------ images
@@ -338,14 +337,14 @@ def maps():
     return out
 
 
-GEOM = mrd.Geometry((NX, NY, NZ), FOV, position=(5.0, -3.0, 12.0), measurement_uid=9)
+GEOM = header.Geometry((NX, NY, NZ), FOV, position=(5.0, -3.0, 12.0), measurement_uid=9)
 
 
 def test_maps_to_images_3d(maps):
-    imgs = mrd.maps_to_images(maps, GEOM, mrd.MAP_UNITS, extra={"LOREIN_Protocol": "qalas"})
+    imgs = map_images.maps_to_images(maps, GEOM, map_images.MAP_UNITS, extra={"LOREIN_Protocol": "qalas"})
     assert len(imgs) == 4
     by = {im.meta["LOREIN_Map"]: im for im in imgs}
-    for name, series in mrd.MAP_SERIES.items():
+    for name, series in map_images.MAP_SERIES.items():
         im = by[name]
         h = im.getHead()
         assert im.image_series_index == series and im.image_index == 1 and im.slice == 0
@@ -355,9 +354,9 @@ def test_maps_to_images_3d(maps):
         assert tuple(h.field_of_view) == FOV and tuple(h.position) == (5.0, -3.0, 12.0)
         assert tuple(h.slice_dir) == (0, 0, 1) and h.measurement_uid == 9
         m = im.meta
-        assert m["GADGETRON_DataRole"] == mrd.MAP_DATA_ROLES[name]
-        assert m["GADGETRON_ImageComment"] == f"{name}_{mrd.MAP_UNITS[name]}"
-        assert m["LOREIN_Unit"] == mrd.MAP_UNITS[name] and m["LOREIN_Method"] == "LoREIN"
+        assert m["GADGETRON_DataRole"] == map_images.MAP_DATA_ROLES[name]
+        assert m["GADGETRON_ImageComment"] == f"{name}_{map_images.MAP_UNITS[name]}"
+        assert m["LOREIN_Unit"] == map_images.MAP_UNITS[name] and m["LOREIN_Method"] == "LoREIN"
         assert m["GADGETRON_ImageNumber"] == "1" and m["LOREIN_Protocol"] == "qalas"
         assert m["GADGETRON_SeqDescription"]
         lo, hi = np.percentile(maps[name][maps[name] != 0], [1, 99])
@@ -366,17 +365,17 @@ def test_maps_to_images_3d(maps):
     # the attribute string round-trips through serialisation
     again = ismrmrd.Image.from_bytes(imgs[0].to_bytes())
     assert again.meta["LOREIN_Map"] == "T1"
-    back = mrd.images_to_maps(imgs)
+    back = map_images.images_to_maps(imgs)
     assert set(back) == set(maps)
     for name in maps:
         np.testing.assert_array_equal(back[name], maps[name])
     with pytest.raises(ValueError, match="shape"):
-        mrd.maps_to_images({"T1": maps["T1"][:-1]}, GEOM)
+        map_images.maps_to_images({"T1": maps["T1"][:-1]}, GEOM)
 
 
 def test_maps_to_images_2d(maps):
     extra = {"Q": np.full((NZ, NY, NX), np.nan, np.float32)}
-    imgs = mrd.maps_to_images({**maps, **extra}, GEOM, {"Q": "s"}, as_2d=True, series_offset=10)
+    imgs = map_images.maps_to_images({**maps, **extra}, GEOM, {"Q": "s"}, as_2d=True, series_offset=10)
     assert len(imgs) == 5 * NZ
     dz = FOV[2] / NZ
     t1 = [im for im in imgs if im.meta["LOREIN_Map"] == "T1"]
@@ -389,25 +388,25 @@ def test_maps_to_images_2d(maps):
         assert tuple(h.position) == pytest.approx((5.0, -3.0, 12.0 + (k - NZ // 2) * dz))
     q = [im for im in imgs if im.meta["LOREIN_Map"] == "Q"]
     assert q[0].image_series_index == 15 and q[0].meta["LOREIN_Unit"] == "s"
-    back = mrd.images_to_maps(list(reversed(imgs)))
+    back = map_images.images_to_maps(list(reversed(imgs)))
     for name in maps:
         np.testing.assert_array_equal(back[name], maps[name])
     assert np.all(back["Q"] == 0)                     # non-finite values are written as 0
 
 
 def test_write_and_read_images(tmp_path, maps):
-    imgs = mrd.maps_to_images(maps, GEOM, mrd.MAP_UNITS)
+    imgs = map_images.maps_to_images(maps, GEOM, map_images.MAP_UNITS)
     path = tmp_path / "out.h5"
-    mrd.write_images(path, "2024-05-01 10:00:00", imgs)
+    map_images.write_images(path, "2024-05-01 10:00:00", imgs)
     with h5py.File(path, "r") as f:
         assert sorted(f["2024-05-01 10:00:00"].keys()) == ["image_1", "image_2", "image_3", "image_4"]
-    back = mrd.read_images(path)
+    back = map_images.read_images(path)
     assert [im.image_series_index for im in back] == [1, 2, 3, 4]
     for a, b in zip(imgs, back):
         assert a.getHead() == b.getHead() and a.meta == b.meta
         np.testing.assert_array_equal(a.data, b.data)
-    mrd.write_images(path, "2024-05-01 11:00:00", imgs[:1])
-    assert len(mrd.read_images(path)) == 4                 # None -> the first group
-    assert len(mrd.read_images(path, "2024-05-01 11:00:00")) == 1
-    with pytest.raises(mrd.MRDError, match="no group"):
-        mrd.read_images(path, "nope")
+    map_images.write_images(path, "2024-05-01 11:00:00", imgs[:1])
+    assert len(map_images.read_images(path)) == 4                 # None -> the first group
+    assert len(map_images.read_images(path, "2024-05-01 11:00:00")) == 1
+    with pytest.raises(header.MRDError, match="no group"):
+        map_images.read_images(path, "nope")

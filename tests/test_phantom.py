@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from gadget_lorein import phantom as ph
+from gadget_lorein.sim import phantom as ph
 
 
 @pytest.fixture(scope="module")

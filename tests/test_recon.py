@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from gadget_lorein import metrics, protocol, recon, simulate
+from gadget_lorein import metrics
+
+from gadget_lorein.physics import protocol
+
+from gadget_lorein.recon import pipeline as recon
+
+from gadget_lorein.sim import simulate
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +32,24 @@ def test_settings_empty_value_means_default_and_bad_values_are_named():
 def test_network_settings_reach_the_fit(tiny):
     """The ReconSettings named in recon.FIT_SETTINGS are lorein.FitConfig's fields with the same
     defaults, and the hash-grid / MLP settings build the networks the fit uses."""
-    from gadget_lorein import lorein
+    from gadget_lorein.recon.lorein import fit as lorein, model
     assert recon.fit_config(recon.ReconSettings()) == lorein.FitConfig()
     rs = recon.ReconSettings(method="pmr", couple_weight=0.5, grid_levels=6, grid_features=4,
                              grid_log2_table=11, grid_base=2, grid_finest=10, mlp_width=16, mlp_layers=1)
     cfg = recon.fit_config(rs)
     assert (cfg.couple_weight, cfg.grid_levels) == (0.5, 6)
-    grid = lorein.grid_config(torch.ones((12, 16, 16), dtype=torch.bool), cfg)
+    grid = model.grid_config(torch.ones((12, 16, 16), dtype=torch.bool), cfg)
     assert (grid.levels, grid.features, grid.log2_table, grid.base_resolution, grid.finest_resolution,
             grid.hidden, grid.hidden_layers) == (6, 4, 11, 2, 10, 16, 1)
-    auto = lorein.grid_config(torch.ones((12, 16, 16), dtype=torch.bool), lorein.FitConfig())
+    auto = model.grid_config(torch.ones((12, 16, 16), dtype=torch.bool), lorein.FitConfig())
     assert (auto.finest_resolution, auto.log2_table) == (16, 13)      # the matrix; 3072 voxels -> 2^13
     built = []
-    real = lorein.CoordinateNet
+    real = model.CoordinateNet
 
     def spy(out_dim, cfg=None, seed=0):
         built.append(cfg)
         return real(out_dim, cfg, seed)
-    with mock.patch.object(lorein, "CoordinateNet", spy):
+    with mock.patch.object(model, "CoordinateNet", spy):
         res = recon.reconstruct(tiny.scan, replace_settings(rs, iterations=3))
     assert res.info["iterations"] == 3 and built and all(c == grid for c in built), built
 
@@ -204,7 +210,7 @@ def test_detached_coil_maps_give_the_same_data_term_and_gradient_in_x(tiny):
 
 
 def test_coil_refinement_starts_at_the_maps_and_moves_no_common_profile():
-    from gadget_lorein.lorein import CoilRefinement
+    from gadget_lorein.recon.lorein.model import CoilRefinement
     g = torch.Generator().manual_seed(1)
     s0 = torch.randn((4, 8, 10, 12), generator=g, dtype=torch.complex64)
     ref = CoilRefinement(s0, 4)
@@ -233,7 +239,7 @@ def test_coil_maps_keep_pd_free_of_the_noise_covariance():
 
 def test_the_fit_uses_the_configured_adam_settings(tiny):
     """adam_eps / adam_beta2 reach the optimiser (lorein.py's docstring: why the defaults)."""
-    from gadget_lorein import lorein
+    from gadget_lorein.recon.lorein import fit as lorein
     seen = []
     real = torch.optim.Adam
 
@@ -251,7 +257,7 @@ def test_the_fit_uses_the_configured_adam_settings(tiny):
 def test_held_out_lines_loss_is_the_data_term_on_those_lines(tiny):
     """HeldOutLines predicts each held-out line directly; its loss is ||A_h X - y_h||^2, the same
     as a SubspaceOperator built from those lines alone (which goes through the Gram instead)."""
-    from gadget_lorein.operators import HeldOutLines, SubspaceOperator
+    from gadget_lorein.recon.operators import HeldOutLines, SubspaceOperator
     _, sub, op, _, _ = recon.prepare(tiny.scan, recon.ReconSettings(device="cpu"))
     fitted, held = recon.split_lines(tiny.scan.lines, 0.1, seed=0)
     assert len(fitted.frame) + len(held.frame) == len(tiny.scan.lines.frame)
@@ -273,7 +279,7 @@ def test_holdout_returns_the_maps_of_the_last_good_held_out_check(tiny):
     """With ``holdout`` the fit leaves those lines out of its data terms, checks their loss every
     ``holdout_every`` steps and returns the maps of the last check within ``holdout_tol`` of the
     lowest, stopping when none has been for ``holdout_patience`` steps."""
-    from gadget_lorein import lorein
+    from gadget_lorein.recon.lorein import fit as lorein
     rs = recon.ReconSettings(method="pmr", device="cpu", holdout=0.1)
     proto, sub, op, support, info = recon.prepare(tiny.scan, rs)
     assert op.held_out is not None and info["lines"] == len(tiny.scan.lines.frame)
@@ -303,7 +309,7 @@ def test_without_the_coupling_lorein_maps_are_pmr_maps(tiny):
     correction (``coil_from_lrr`` off). With the LRR data term fitting it too (the build before
     that change), they are not: at high R that shared correction, not the coupling, cost LoREIN
     brain T1 against PMR (lorein.py's docstring, Coil maps)."""
-    from gadget_lorein import lorein
+    from gadget_lorein.recon.lorein import fit as lorein
     proto, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lorein", device="cpu"))
     fit = lambda method, **kw: lorein.fit(method, op, sub, support, proto.encodes_b1, iterations=10,  # noqa: E731
                                           config=lorein.FitConfig(couple_weight=0.0, **kw))[0]
@@ -316,13 +322,13 @@ def test_without_the_coupling_lorein_maps_are_pmr_maps(tiny):
 def test_lrr_finest_sets_lorein_lrr_grid_and_lrr_alone_keeps_the_full_grid(tiny):
     """lrr_finest sets only the finest level of lorein's LRR network; 0 (the default): PMR's own
     grid. The lrr method (maps from LRR alone) keeps the full grid whatever it is."""
-    from gadget_lorein import lorein
-    from gadget_lorein.hashgrid import HashGridConfig
+    from gadget_lorein.recon.lorein import fit as lorein, model
+    from gadget_lorein.recon.lorein.hashgrid import HashGridConfig
     grid = HashGridConfig(base_resolution=4, finest_resolution=64)
-    assert lorein.lrr_grid_config(grid, lorein.FitConfig()) is grid
-    assert lorein.lrr_grid_config(grid, lorein.FitConfig(lrr_finest=32)).finest_resolution == 32
-    assert lorein.lrr_grid_config(grid, lorein.FitConfig(lrr_finest=2)).finest_resolution == 4
-    assert lorein.lrr_grid_config(grid, lorein.FitConfig(lrr_finest=64)) is grid
+    assert model.lrr_grid_config(grid, lorein.FitConfig()) is grid
+    assert model.lrr_grid_config(grid, lorein.FitConfig(lrr_finest=32)).finest_resolution == 32
+    assert model.lrr_grid_config(grid, lorein.FitConfig(lrr_finest=2)).finest_resolution == 4
+    assert model.lrr_grid_config(grid, lorein.FitConfig(lrr_finest=64)) is grid
     proto, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lrr", device="cpu"))
     fit = lambda method, **kw: lorein.fit(method, op, sub, support, proto.encodes_b1, iterations=5,  # noqa: E731
                                           config=lorein.FitConfig(**kw))[0]
@@ -335,7 +341,7 @@ def test_lrr_finest_sets_lorein_lrr_grid_and_lrr_alone_keeps_the_full_grid(tiny)
 def test_held_out_rule_goes_back_past_a_minimum_and_runs_on_along_a_plateau():
     """The rule on the two measured traces of benchmarks/RESULTS.md (mrf R = 400: lowest at step 180,
     2-6 % above from 200 on; qalas R = 8: flat within 0.5 % from step 460)."""
-    from gadget_lorein.lorein import HeldOutRule
+    from gadget_lorein.recon.lorein.fit import HeldOutRule
     rule = HeldOutRule(0.01, 200)
     mrf = [(160, .0089), (180, .008556), (200, .008736), (220, .008703), (240, .008799), (260, .008915),
            (280, .008733), (300, .009005), (320, .009067), (340, .008894), (360, .009060), (380, .009114)]

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from gadget_lorein import sampling as sp
+from gadget_lorein.sim import sampling as sp
 
 
 @pytest.mark.parametrize("n_frames,ny,nz,accel,mode", [

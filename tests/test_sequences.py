@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from gadget_lorein import protocol, sequences
+from gadget_lorein.physics import protocol, sequences
 
 TISSUES = [(830.0, 80.0, 1.0), (1330.0, 110.0, 0.9), (4000.0, 2000.0, 1.1), (1300.0, 180.0, 1.2)]
 
@@ -130,7 +130,7 @@ def test_mrf_signal_memory_stays_near_its_output():
     import sys
     code = (
         "import resource, torch\n"
-        "from gadget_lorein import protocol, sequences\n"
+        "from gadget_lorein.physics import protocol, sequences\n"
         "torch.set_num_threads(1)\n"
         "proto = protocol.load('mrf')\n"
         "t = torch.ones(5000)\n"

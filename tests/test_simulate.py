@@ -16,7 +16,11 @@ import numpy as np
 import pytest
 import yaml
 
-from gadget_lorein import cli, protocol, sampling, simulate
+from gadget_lorein import cli
+
+from gadget_lorein.physics import protocol
+
+from gadget_lorein.sim import sampling, simulate
 
 NOISE_BIT = 1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1)
 CALIB_BIT = 1 << (ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING - 1)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gadget_lorein import protocol
-from gadget_lorein.subspace import build_subspace, grid_axes, simulate_dictionary, temporal_basis
+from gadget_lorein.physics import protocol
+from gadget_lorein.physics.subspace import build_subspace, grid_axes, simulate_dictionary, temporal_basis
 
 
 def small_mrf():

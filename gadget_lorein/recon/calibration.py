@@ -6,8 +6,8 @@ import logging
 import numpy as np
 import torch
 
-from .data import KSpaceLines
-from .fft import ifftnc
+from ..data import KSpaceLines
+from ..fft import ifftnc
 
 log = logging.getLogger(__name__)
 

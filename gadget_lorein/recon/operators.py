@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import KSpaceLines
-from .fft import fftnc, ifftnc
+from ..data import KSpaceLines
+from ..fft import fftnc, ifftnc
 
 
 class SubspaceOperator:

@@ -9,11 +9,13 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from . import baselines, calibration, protocol as protocol_mod
-from .data import KSpaceLines, Scan
-from .fft import ifftnc
+from . import baselines, calibration
+
+from ..physics import protocol as protocol_mod
+from ..data import KSpaceLines, Scan
+from ..fft import ifftnc
 from .operators import HeldOutLines, SubspaceOperator
-from .subspace import SubspaceModel, build_subspace
+from ..physics.subspace import SubspaceModel, build_subspace
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +246,7 @@ def _reconstruct(scan: Scan, settings: ReconSettings, progress=None) -> ReconRes
     proto, sub, op, support, info = prepare(scan, settings, timings)
     with stage("fit"):
         if settings.method in NETWORK_METHODS:
-            from . import lorein
+            from .lorein import fit as lorein
             config = fit_config(settings)
             maps, fit_info = lorein.fit(settings.method, op, sub, support, proto.encodes_b1,
                                         iterations=settings.iterations, seed=settings.seed,
@@ -272,7 +274,7 @@ FIT_SETTINGS = ("coil_subset", "amp", "coil_refine", "couple_weight", "grid_leve
 
 def fit_config(settings: ReconSettings):
     """The network methods' lorein.FitConfig for these settings."""
-    from . import lorein
+    from .lorein import fit as lorein
     return lorein.FitConfig(**{name: getattr(settings, name) for name in FIT_SETTINGS})
 
 

@@ -1,4 +1,4 @@
-"""Sequence protocols: YAML files shipped in ``gadget_lorein/protocols`` (or given by path/text).
+"""Sequence protocols: YAML files shipped in ``gadget_lorein/physics/protocols`` (or given by path/text).
 
 A protocol is a plain mapping (timings, flip angles, schedules, dictionary grid). Its hash, over the
 canonical YAML dump, keys the on-disk subspace cache.
@@ -54,7 +54,7 @@ class Protocol:
 
 
 def available() -> list[str]:
-    return sorted(p.stem for p in resources.files("gadget_lorein.protocols").iterdir()
+    return sorted(p.stem for p in resources.files("gadget_lorein.physics.protocols").iterdir()
                   if p.name.endswith(".yaml"))
 
 
@@ -90,5 +90,5 @@ def load(name_or_path: str) -> Protocol:
     if name_or_path not in names:
         raise ProtocolError(f"unknown protocol '{name_or_path}': shipped protocols are {names}, "
                             "or give the path of a YAML file")
-    text = resources.files("gadget_lorein.protocols").joinpath(f"{name_or_path}.yaml").read_text()
+    text = resources.files("gadget_lorein.physics.protocols").joinpath(f"{name_or_path}.yaml").read_text()
     return from_yaml(text)

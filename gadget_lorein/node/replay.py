@@ -317,7 +317,7 @@ def run_replay(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m gadget_lorein.replay``: the same as ``lorein replay``."""
+    """``python -m gadget_lorein.node.replay``: the same as ``lorein replay``."""
     parser = argparse.ArgumentParser(prog="lorein replay", description="Send an ISMRMRD raw file through a "
                                      "Gadgetron chain and write the images back (like gadgetron_ismrmrd_client).")
     return run_replay(add_replay_arguments(parser).parse_args(argv))

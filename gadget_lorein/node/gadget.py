@@ -2,7 +2,7 @@
 
 Gadgetron starts it as an external Python gadget (``config_xml/lorein.xml``)::
 
-    python -m gadgetron PORT gadget_lorein.gadget reconstruct
+    python -m gadgetron PORT gadget_lorein.node.gadget reconstruct
 
 or connects to it when it is already running (passive mode, ``config_xml/lorein_connect.xml``,
 started with ``lorein serve --port 18000``, i.e. :func:`serve`). ``lorein recon`` runs the very same
@@ -17,7 +17,7 @@ API
 
 What happens to the stream
     - the first acquisitions flagged ACQ_IS_NOISE_MEASUREMENT are kept for prewhitening;
-    - imaging acquisitions are placed on the Cartesian grid (``mrd.AcquisitionBuffer``; the raw-data
+    - imaging acquisitions are placed on the Cartesian grid (``buffer.AcquisitionBuffer``; the raw-data
       contract is docs/data-format.md);
     - acquisitions the buffer does not use (navigators, phase correction, dummy scans, feedback ...)
       and anything that is not an acquisition (waveforms, images) go on to the next gadget unchanged;
@@ -74,14 +74,14 @@ Settings
                                     term); 0 = calibration maps as they are
     couple_weight      0.1          lorein: weight of the coupling between the PMR block's
                                     coefficients and the LRR block's (relative to the data terms;
-                                    see gadget_lorein/lorein.py); 0 = two independent blocks
+                                    see gadget_lorein/recon/lorein/fit.py); 0 = two independent blocks
                                     (the maps are then PMR's alone)
     holdout            0.05         lorein/pmr/lrr: this fraction of the measured lines (drawn at
                                     random, seeded) is left out of the fit; their loss is checked
                                     every 20 steps, the maps are those of the last check within 1 %
                                     of its lowest, and the fit stops when there has been none such
                                     for 200 steps; 0 = off: every line fitted, the last step's maps
-                                    (see gadget_lorein/lorein.py)
+                                    (see gadget_lorein/recon/lorein/fit.py)
     grid_levels        12           lorein/pmr/lrr, both coordinate networks: hash-grid levels
     grid_features      2            features per hash-grid level
     grid_log2_table    0            log2 of the hash-table entries per level (10-24); 0 = from
@@ -92,7 +92,7 @@ Settings
     mlp_layers         2            hidden layers of the MLP heads (0 = a linear head)
     lrr_finest         0            lorein: the LRR block's finest hash-grid resolution; 0 = the
                                     PMR block's own; lrr alone always keeps the full grid (see
-                                    gadget_lorein/lorein.py, "LRR grid")
+                                    gadget_lorein/recon/lorein/fit.py, "LRR grid")
     protocol           (empty)      sequence protocol: empty = the one in the data
                                     (userParameter lorein.protocol_yaml, else lorein.protocol /
                                     protocolName), else a shipped name (qalas, mrf) or a YAML path
@@ -129,8 +129,11 @@ from typing import Callable, Iterable
 import ismrmrd
 import numpy as np
 
-from . import __version__, mrd, recon
-from . import protocol as protocol_mod
+from .. import __version__
+
+from ..recon import pipeline as recon
+from ..io import buffer, header, map_images, rawfile
+from ..physics import protocol as protocol_mod
 
 log = logging.getLogger(__name__)
 
@@ -272,11 +275,11 @@ def _fmt_timings(timings: dict) -> str:
     return ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
 
 
-def _check_protocol(buf: mrd.AcquisitionBuffer, rs: recon.ReconSettings) -> protocol_mod.Protocol:
+def _check_protocol(buf: buffer.AcquisitionBuffer, rs: recon.ReconSettings) -> protocol_mod.Protocol:
     """The protocol the reconstruction will use, resolved before any data is read."""
     if not rs.protocol and not buf.protocol_yaml and not buf.protocol_name:
         raise recon.ReconError(
-            f"the header names no protocol (userParameter {mrd.UP_PROTOCOL_YAML} or {mrd.UP_PROTOCOL}, "
+            f"the header names no protocol (userParameter {header.UP_PROTOCOL_YAML} or {header.UP_PROTOCOL}, "
             f"or measurementInformation/protocolName) and no 'protocol' setting was given; shipped "
             f"protocols: {', '.join(protocol_mod.available())}")
     proto = recon.scan_protocol(SimpleNamespace(protocol_yaml=buf.protocol_yaml,
@@ -302,13 +305,13 @@ def _progress_logger(method: str):
 
 
 def _coefficient_images(result: recon.ReconResult, scan, rs: recon.ReconSettings,
-                        geometry: mrd.Geometry, as_2d: bool) -> list[ismrmrd.Image]:
+                        geometry: header.Geometry, as_2d: bool) -> list[ismrmrd.Image]:
     """Subspace coefficient images (complex float32, series 101, 102, ...)."""
     coeffs = getattr(result, "coefficients", None)
     source = "reconstruction"
     if coeffs is None:     # recon.reconstruct returns maps only: the model's coefficients at the maps
         import torch
-        from .subspace import build_subspace
+        from ..physics.subspace import build_subspace
         proto = recon.scan_protocol(scan, rs.protocol)
         sub = build_subspace(proto, rs.rank or None, rs.energy, device="cpu")
         sup = np.asarray(result.support, bool)
@@ -334,7 +337,7 @@ def _coefficient_images(result: recon.ReconResult, scan, rs: recon.ReconSettings
             parts = [(0, coeffs[k], pos0, geometry.fov_mm)]
         for z, data, pos, fov in parts:
             img = ismrmrd.Image.from_array(np.ascontiguousarray(data), transpose=False)
-            mrd._set_geometry(img, geometry, pos, fov, z, z + 1, series)
+            map_images._set_geometry(img, geometry, pos, fov, z, z + 1, series)
             img.image_type = ismrmrd.IMTYPE_COMPLEX
             meta = ismrmrd.Meta()
             meta.update({"GADGETRON_DataRole": "LOREIN_COEFFICIENT", "GADGETRON_ImageComment": f"coef{k + 1}",
@@ -348,7 +351,7 @@ def _coefficient_images(result: recon.ReconResult, scan, rs: recon.ReconSettings
     return images
 
 
-def _reconstruct_scan(buf: mrd.AcquisitionBuffer, rs: recon.ReconSettings, gs: GadgetSettings,
+def _reconstruct_scan(buf: buffer.AcquisitionBuffer, rs: recon.ReconSettings, gs: GadgetSettings,
                       send: Callable, clock: _Clock, counts: dict) -> None:
     t = time.perf_counter()
     raw = buf.finish()
@@ -370,7 +373,7 @@ def _reconstruct_scan(buf: mrd.AcquisitionBuffer, rs: recon.ReconSettings, gs: G
     t = time.perf_counter()
     extra = {"LOREIN_Protocol": info.get("protocol", raw.protocol_name), "LOREIN_Rank": info.get("rank", ""),
              "LOREIN_Version": __version__}
-    images = mrd.maps_to_images(result.maps, raw.geometry, as_2d=gs.images_2d,
+    images = map_images.maps_to_images(result.maps, raw.geometry, as_2d=gs.images_2d,
                                 method=METHOD_LABELS.get(rs.method, rs.method), extra=extra)
     if gs.output == "maps+coefficients":
         images += _coefficient_images(result, scan, rs, raw.geometry, gs.images_2d)
@@ -393,7 +396,7 @@ def process(header_xml, items: Iterable, settings: dict | None, send: Callable) 
     ``send(item)``, called with every passed-on item and every output image.
 
     Raises ``SettingsError`` / ``recon.ReconError`` (bad settings, protocol, reconstruction input),
-    ``mrd.MRDError`` (header or data outside the contract, or a stream that ends before
+    ``header.MRDError`` (header or data outside the contract, or a stream that ends before
     ACQ_LAST_IN_MEASUREMENT), or whatever failed; nothing is sent for a failed measurement.
     """
     t_start = time.perf_counter()
@@ -405,7 +408,7 @@ def process(header_xml, items: Iterable, settings: dict | None, send: Callable) 
     if isinstance(header_xml, (bytes, bytearray)):
         header_xml = bytes(header_xml).decode("utf-8")
     t = time.perf_counter()
-    buf = mrd.AcquisitionBuffer(header_xml)
+    buf = buffer.AcquisitionBuffer(header_xml)
     proto = _check_protocol(buf, rs)
     clock.add("header", time.perf_counter() - t)
     log.info("header: protocol %s (%s, %d frames), matrix %dx%dx%d, %s coils", proto.name, proto.kind,
@@ -418,7 +421,7 @@ def process(header_xml, items: Iterable, settings: dict | None, send: Callable) 
             counts["passed"] += 1
             continue
         if buf is None:
-            buf = mrd.AcquisitionBuffer(header_xml)
+            buf = buffer.AcquisitionBuffer(header_xml)
         kind = buf.add(item)
         counts["acquisitions"] += 1
         if kind == "noise":
@@ -434,7 +437,7 @@ def process(header_xml, items: Iterable, settings: dict | None, send: Callable) 
     clock.add("receive", time.perf_counter() - t_read)
     pending = 0 if buf is None else len(buf)
     if pending or counts["measurements"] == 0:
-        raise mrd.MRDError(
+        raise header.MRDError(
             f"the stream ended before ACQ_LAST_IN_MEASUREMENT: {counts['acquisitions']} acquisitions "
             f"received ({pending} imaging lines not reconstructed); no maps")
     log.info("lorein: %d acquisitions (%d noise, %d passed on), %d measurement(s), %d images; timings: "
@@ -502,7 +505,7 @@ def _drain(connection, timeout: float = DRAIN_TIMEOUT_S) -> int:
 
 
 def reconstruct(connection, settings: dict | None = None) -> None:
-    """The chain's target: ``python -m gadgetron PORT gadget_lorein.gadget reconstruct``.
+    """The chain's target: ``python -m gadgetron PORT gadget_lorein.node.gadget reconstruct``.
 
     Settings come from the chain's <configuration> (``connection.config``); ``settings`` (passive
     mode, ``lorein serve``) override them. Errors: logged, sent to Gadgetron as ERROR, re-raised."""
@@ -620,11 +623,11 @@ def recon_file(raw_path, out_path, settings: dict | None = None, group: str | No
     Nothing is written when the reconstruction fails."""
     from .replay import date_time_group
 
-    xml, acquisitions = mrd.iter_raw(raw_path, in_group)
+    xml, acquisitions = rawfile.iter_raw(raw_path, in_group)
     sent: list = []
     process(xml, acquisitions, settings, sent.append)
     images = [x for x in sent if isinstance(x, ismrmrd.Image)]
     group = group or date_time_group()
-    mrd.write_images(out_path, group, images)
+    map_images.write_images(out_path, group, images)
     log.info("wrote %d images to %s group '%s'", len(images), out_path, group)
     return images

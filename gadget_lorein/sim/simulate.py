@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from . import phantom as ph
-from . import sampling, sequences
-from .data import KSpaceLines, Scan
-from .fft import fftnc
-from .protocol import Protocol
+from . import sampling
+from ..physics import sequences
+from ..data import KSpaceLines, Scan
+from ..fft import fftnc
+from ..physics.protocol import Protocol
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Simulation:
 
     @property
     def protocol(self) -> Protocol:
-        from .protocol import from_yaml
+        from ..physics.protocol import from_yaml
         return from_yaml(self.scan.protocol_yaml)
 
 

@@ -1,0 +1,1 @@
+"""LoREIN: the LRR and PMR blocks (model), the joint fit (fit) and the hash-grid coordinate networks."""
