@@ -182,22 +182,24 @@ def scan_masks(proto: Protocol, ny: int, nz: int, accel: float, calib=None, cali
     'ideal': calibration split among the frames ('union') unless asked otherwise, per-frame draws.
     'realistic': as a scanner does it, a fully sampled calibration block in every frame
     (``default_pattern``; calib_mode 'per_frame'); where no block fits in every frame (mrf's few
-    lines per TR) the block is split among the frames ('union') and every frame samples the
-    k-space centre, as each spiral MRF readout does."""
+    lines per TR, or a tiny matrix) the block is split among frames drawn each their own pattern
+    ('union'), and every frame samples the k-space centre, as each spiral MRF readout does."""
     n = proto.n_frames
     if mode == "ideal":
         calib_mode = calib_mode or "union"
         pattern = pattern or "per_frame"
         centre = False
     else:
-        pattern = pattern or default_pattern(proto)
+        asked, pattern = pattern, pattern or default_pattern(proto)
         if calib_mode is None:
             calib_mode = "per_frame"
-            if pattern == "per_frame" and calib is None:
+            if calib is None:
                 try:
-                    sampling.auto_calib(n, ny, nz, accel, "per_frame")
+                    sampling.auto_calib(1 if pattern == "shared" else n, ny, nz, accel, "per_frame")
                 except ValueError:
-                    calib_mode = "union"
+                    if asked == "shared":
+                        raise
+                    calib_mode, pattern = "union", "per_frame"
         centre = True
     if calib is None:
         calib = sampling.auto_calib(1 if pattern == "shared" else n, ny, nz, accel,

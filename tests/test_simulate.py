@@ -302,8 +302,7 @@ def test_fine_grid_truth_is_the_pd_weighted_block_mean():
 
 def test_pure_true_inside_tissue_false_at_boundaries():
     from gadget_lorein import phantom as ph
-    _, pure = ph.block_average(simulate.fine_phantom((32, 32, 24), seed=1), 2)
-    coarse = ph.block_average(simulate.fine_phantom((32, 32, 24), seed=1), 2)[0]
+    coarse, pure = ph.block_average(simulate.fine_phantom((32, 32, 24), seed=1), 2)
     lab = coarse.labels
     same = np.ones(lab.shape, bool)          # all 26 neighbours carry the voxel's label
     for d in np.ndindex(3, 3, 3):
