@@ -1,30 +1,38 @@
-"""Accuracy benchmark: method x sequence x acceleration -> NRMSE of each map (brain and tissue),
-wall time and peak memory, on the simulated head phantom. Prints a Markdown table, with a "lowest"
-row after each case run with several methods that names, per map, the method with the lowest NRMSE
-(so the table says where LoREIN is not the lowest). Peak memory is each reconstruction's own: the
-GPU's allocator peak, or on the CPU the process's resident-set high-water mark reset before it
-(Linux; elsewhere the process's peak so far, simulation included).
+"""Accuracy benchmark: case (sequence, R) x SNR x method -> errors of each map against the truth,
+wall time and peak memory, on the simulated head phantom. Prints a Markdown table with a "lowest"
+row after each case and SNR run with several methods, naming per column the method with the
+lowest value (so the table says where LoREIN is not the lowest).
 
-    python benchmarks/accuracy.py                      # the issue's case: 64x64x48, 8 coils
-    python benchmarks/accuracy.py --matrix 24 24 16 --qalas-accel 4 8 --mrf-accel   # quick
-    python benchmarks/accuracy.py --seeds 4            # network methods: mean +- sd over 4 seeds
-    python benchmarks/accuracy.py --b1-mismatch        # scan with a transmit field the model lacks
-    python benchmarks/accuracy.py --set coil_refine=0  # any reconstruction setting, for an ablation
+By default the realistic simulation (simulate.simulate's mode 'realistic': object on a 2x finer
+grid, partial volume, transmit field in every scan, scanner-like sampling, noise from a white
+matter SNR): the decision table, 40x32x24, 6 coils, qalas R = 8, 16, 48 and mrf R = 200, SNR 15 and
+30, mean +- sd over seeds 0-2. The seed changes the scan (phantom texture, coils, sampling, noise)
+and the network methods' initialisation, so every method runs once per seed.
 
-The network methods (lrr, pmr, lorein) start from random network weights; a single fit's NRMSE moves
-by a few hundredths with the seed (benchmarks/RESULTS.md), which is as large as the differences
-between them. ``--seeds N`` fits each of them with seeds 0..N-1 (``--first-seed S``: S..S+N-1) on
-the same simulated scan and prints the mean and the sample standard deviation; the linear methods
-are deterministic and run once.
-``--b1-mismatch`` simulates a model mismatch (simulate.simulate's ``b1_mismatch``): the scan carries
-the phantom's transmit field, which the qalas reconstruction takes as nominal (mrf encodes B1, so
-it is unchanged there).
+Columns per map: NRMSE over pure tissue voxels (WM, GM, lesions without partial volume), over all
+tissue voxels (boundaries included), and for T1, T2 (and B1) the 99th percentile of
+|est - truth| / truth over all tissue voxels (runaway values); gadget_lorein.metrics.tissue_errors.
+Peak memory is each reconstruction's own: the GPU allocator's peak, or on the CPU the resident-set
+high-water mark reset before it (Linux; elsewhere the process's peak so far).
+
+    python benchmarks/accuracy.py                          # the decision table (slow on a CPU)
+    python benchmarks/accuracy.py --confirm                # 64x64x48, 8 coils, SNR 30, one seed
+    python benchmarks/accuracy.py --ideal                  # the idealised simulation (inverse crime)
+    python benchmarks/accuracy.py --cases qalas8 --snr 30 --seeds 1 --methods zerofill llr
+    python benchmarks/accuracy.py --set coil_refine=0      # any reconstruction setting (ablation)
+
+``--ideal`` simulates on the reconstruction grid with its own model, noise ``--noise`` x the
+largest image magnitude (0.005; no SNR column), qalas without a transmit field unless
+``--b1-mismatch``. BART joins the methods when ``bart`` is on PATH and gadget_lorein can call it;
+it is skipped, with a note in the header, otherwise.
 """
 from __future__ import annotations
 
 import argparse
 import platform
+import re
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -40,7 +48,19 @@ from gadget_lorein.recon import pipeline as recon
 from gadget_lorein.sim import simulate
 
 METHODS = ["zerofill", "cg", "llr", "lrr", "pmr", "lorein"]
-SEEDED = ("lrr", "pmr", "lorein")
+DEFAULT_CASES = ["qalas8", "qalas16", "qalas48", "mrf200"]
+CONFIRM = dict(matrix=[64, 64, 48], coils=8, seeds=1, snr=[30.0], cases=["qalas8", "mrf200"])
+# the table's columns: tissue_errors keys
+COLUMNS = ["T1 pure", "T1 all", "T1 p99", "T2 pure", "T2 all", "T2 p99", "PD pure", "PD all",
+           "B1 pure", "B1 all", "B1 p99"]
+
+
+def parse_case(text: str) -> tuple[str, float]:
+    """'qalas8' -> ('qalas', 8.0), 'mrf200' -> ('mrf', 200.0)."""
+    m = re.fullmatch(r"(qalas|mrf)(\d+(?:\.\d+)?)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"a case is qalas<R> or mrf<R>, e.g. qalas8, got {text!r}")
+    return m.group(1), float(m.group(2))
 
 
 def summarise(values: list[float]) -> str:
@@ -50,20 +70,16 @@ def summarise(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
 
 
-# the table's map columns: (0 brain | 1 tissue, map)
-MAPS = [(0, "T1"), (0, "T2"), (0, "PD"), (0, "B1"), (1, "T1"), (1, "T2"), (1, "PD")]
-
-
-def lowest_row(seq: str, R: float, table: dict[str, tuple[dict, dict]]) -> str:
-    """The table's "lowest" row of one case: for each map, the method(s) with the lowest NRMSE as
-    printed (mean over seeds, 3 decimals; a tie names each, "lorein = pmr"), so that where LoREIN is
-    not the lowest the table itself says so. ``table``: method -> (brain, tissue) mean NRMSEs."""
+def lowest_row(label: str, table: dict[str, dict]) -> str:
+    """The "lowest" row of one case: for each column, the method(s) with the lowest mean as printed
+    (3 decimals; a tie names each, "lorein = pmr"); "-" where no method has the column.
+    ``table``: method -> {column: mean}."""
     cells = []
-    for i, k in MAPS:
-        vals = {m: round(v[i][k], 3) for m, v in table.items() if k in v[i]}
+    for col in COLUMNS:
+        vals = {m: round(v[col], 3) for m, v in table.items() if col in v}
         best = min(vals.values(), default=None)
         cells.append(" = ".join(m for m, v in vals.items() if v == best) if vals else "-")
-    return f"| {seq} | {R:g} | lowest | " + " | ".join(cells) + " | | |"
+    return f"| {label} | lowest | " + " | ".join(cells) + " | | |"
 
 
 def reset_peak_rss() -> bool:
@@ -90,90 +106,124 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main(argv=None):
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--matrix", nargs=3, type=int, default=[64, 64, 48])
-    ap.add_argument("--coils", type=int, default=8)
-    ap.add_argument("--noise", type=float, default=0.005)
-    ap.add_argument("--qalas-accel", nargs="*", type=float, default=[4, 8, 16, 48])
-    ap.add_argument("--mrf-accel", nargs="*", type=float, default=[200, 400])
+    ap.add_argument("--cases", nargs="*", type=parse_case, help="qalas<R> / mrf<R> (default: "
+                    + " ".join(DEFAULT_CASES) + "; --confirm: " + " ".join(CONFIRM["cases"]) + ")")
+    ap.add_argument("--snr", nargs="*", type=float, help="white matter SNRs (default 15 30)")
+    ap.add_argument("--seeds", type=int, help="seeds per case (default 3; --confirm 1)")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds start here (runs split over machines)")
+    ap.add_argument("--methods", nargs="*", default=None, help="default: " + " ".join(METHODS) + " (+ bart)")
+    ap.add_argument("--matrix", nargs=3, type=int, help="default 40 32 24 (--confirm 64 64 48)")
+    ap.add_argument("--coils", type=int, help="default 6 (--confirm 8)")
+    ap.add_argument("--confirm", action="store_true", help="the confirmation case: " + str(CONFIRM))
+    ap.add_argument("--ideal", action="store_true", help="the idealised simulation (inverse crime)")
+    ap.add_argument("--noise", type=float, default=0.005, help="--ideal: noise level (default 0.005)")
+    ap.add_argument("--b1-mismatch", action="store_true",
+                    help="--ideal: qalas with the phantom's transmit field, which its model lacks")
     ap.add_argument("--mrf-frames", type=int, default=0, help="override the MRF train length")
-    ap.add_argument("--methods", nargs="*", default=METHODS)
     ap.add_argument("--iterations", type=int, default=0)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--b1-mismatch", action="store_true",
-                    help="simulate qalas with the phantom's transmit field (0.8-1.2) in the signal, "
-                         "which its reconstruction takes as 1: a model mismatch")
     ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                     help="a reconstruction setting (recon.ReconSettings) for every method, e.g. "
                          "coil_refine=0; repeatable; named in the table's header")
-    ap.add_argument("--seeds", type=int, default=1,
-                    help="fit the network methods with this many seeds; mean +- sd (default 1)")
-    ap.add_argument("--first-seed", type=int, default=0,
-                    help="the network methods' seeds start here (default 0): runs split over machines")
     args = ap.parse_args(argv)
+    base = CONFIRM if args.confirm else dict(matrix=[40, 32, 24], coils=6, seeds=3, snr=[15.0, 30.0],
+                                             cases=DEFAULT_CASES)
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, [parse_case(c) for c in value] if key == "cases" else value)
     if args.seeds < 1:
         ap.error("--seeds must be at least 1")
-    overrides = {}
+    if args.ideal:
+        args.snr = [None]
+    elif args.b1_mismatch:
+        ap.error("--b1-mismatch is for --ideal: the realistic scans always have a transmit field")
+    args.overrides = {}
     for item in args.settings:
         key, eq, val = item.partition("=")
         if not eq or key not in recon.ReconSettings.__dataclass_fields__ or key in ("method", "seed"):
             ap.error(f"--set {item!r}: want KEY=VALUE with KEY a reconstruction setting other than "
                      f"method and seed (one of {', '.join(recon.ReconSettings.__dataclass_fields__)})")
-        overrides[key] = val
+        args.overrides[key] = val
     try:
-        recon.ReconSettings.from_mapping(overrides)
+        recon.ReconSettings.from_mapping(args.overrides)
     except recon.ReconError as err:
         ap.error(f"--set: {err}")
+    return args
+
+
+def choose_methods(requested) -> tuple[list[str], list[str]]:
+    """(methods to run, notes on the ones skipped): BART only where it can run."""
+    methods = list(METHODS + ["bart"] if requested is None else requested)
+    notes = []
+    if "bart" in methods and (not shutil.which("bart") or "bart" not in recon.METHODS):
+        methods.remove("bart")
+        if requested is not None or shutil.which("bart"):
+            notes.append("bart skipped: " + ("not on PATH" if not shutil.which("bart")
+                                             else "no BART reconstruction in gadget_lorein"))
+    return methods, notes
+
+
+def run_case(args, seq, R, snr, seed, methods, dev):
+    """Simulate one scan, reconstruct it with every method: {method: (errors, wall s, peak MB)}."""
+    proto = protocol.load(seq)
+    if seq == "mrf" and args.mrf_frames:
+        proto = proto.with_overrides(n_tr=args.mrf_frames)
+    kw = (dict(mode="ideal", noise=args.noise, b1_mismatch=args.b1_mismatch) if args.ideal
+          else dict(mode="realistic", snr=snr))
+    sim = simulate.simulate(proto, matrix=args.matrix, n_coils=args.coils, accel=R, seed=seed, **kw)
+    truth = sim.truth()
+    out = {}
+    for method in methods:
+        t0 = time.perf_counter()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        else:
+            reset_peak_rss()
+        # --set wins over --iterations / --device; the method and the seed are the table's own
+        settings = dict(dict(device=args.device, iterations=args.iterations), **args.overrides)
+        res = recon.reconstruct(sim.scan, recon.ReconSettings.from_mapping(
+            dict(settings, method=method, seed=seed)))
+        wall = time.perf_counter() - t0
+        mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else peak_rss_mb()
+        out[method] = (metrics.tissue_errors(res.maps, truth), wall, mem)
+        print(f"{seq} R={R:g} SNR {snr} seed {seed} {method}: "
+              + " ".join(f"{k} {v:.3f}" for k, v in out[method][0].items() if "pure" in k)
+              + f" ({wall:.0f} s)", file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    methods, notes = choose_methods(args.methods)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     dev = recon.resolve_device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
-    print(f"# accuracy: matrix {args.matrix}, {args.coils} coils, noise {args.noise}, device {dev} "
-          f"({name}), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
-          + (f"; {', '.join(SEEDED)}: mean +- sd over seeds {args.first_seed}-"
-             f"{args.first_seed + args.seeds - 1}" if args.seeds > 1 else "")
-          + (f"; {', '.join(SEEDED)}: seed {args.first_seed}" if args.seeds == 1 and args.first_seed else "")
-          + ("; B1 mismatch: the scan has the phantom's transmit field" if args.b1_mismatch else "")
-          + "".join(f"; {k}={v}" for k, v in overrides.items()))
-    print("| sequence | R | method | T1 brain | T2 brain | PD brain | B1 brain | T1 tissue | T2 tissue "
-          "| PD tissue | wall s | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    cases = [("qalas", r) for r in args.qalas_accel] + [("mrf", r) for r in args.mrf_accel]
-    for seq, R in cases:
-        proto = protocol.load(seq)
-        if seq == "mrf" and args.mrf_frames:
-            proto = proto.with_overrides(n_tr=args.mrf_frames)
-        sim = simulate.simulate(proto, matrix=args.matrix, n_coils=args.coils, accel=R,
-                                noise=args.noise, seed=0, b1_mismatch=args.b1_mismatch)
-        truth = sim.truth()
-        case = {}
-        for method in args.methods:
-            runs = []
-            for seed in (range(args.first_seed, args.first_seed + args.seeds) if method in SEEDED else [0]):
-                t0 = time.perf_counter()
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
-                else:
-                    reset_peak_rss()
-                res = recon.reconstruct(sim.scan, recon.ReconSettings.from_mapping(dict(
-                    overrides, method=method, device=args.device, iterations=args.iterations,
-                    seed=seed)))
-                wall = time.perf_counter() - t0
-                mem = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
-                       else peak_rss_mb())
-                runs.append((metrics.map_errors(res.maps, truth),
-                             metrics.map_errors(res.maps, truth, "tissue"), wall, mem))
-                print(f"{seq} R={R:g} {method} seed {seed}: brain "
-                      + " ".join(f"{k} {v:.3f}" for k, v in runs[-1][0].items())
-                      + f" ({wall:.0f} s)", file=sys.stderr, flush=True)
-            f = lambda i, k: summarise([r[i][k] for r in runs]) if k in runs[0][i] else "-"  # noqa: E731
-            case[method] = tuple({k: statistics.mean(r[i][k] for r in runs) for k in runs[0][i]}
-                                 for i in (0, 1))
-            wall = statistics.mean(r[2] for r in runs)
-            mem = max(r[3] for r in runs)
-            print(f"| {seq} | {R:g} | {method} | " + " | ".join(f(i, k) for i, k in MAPS)
-                  + f" | {wall:.1f} | {mem:.0f} |", flush=True)
-        if len(case) > 1:
-            print(lowest_row(seq, R, case), flush=True)
+    sim_text = (f"ideal simulation, noise {args.noise}" + ("; B1 mismatch: the scan has the phantom's "
+                "transmit field" if args.b1_mismatch else "") if args.ideal else "realistic simulation")
+    print(f"# accuracy: {sim_text}, matrix {args.matrix}, {args.coils} coils, device {dev} ({name}), "
+          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
+          + (f"mean +- sd over seeds {seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else f"seed {seeds[0]}")
+          + "".join(f"; {k}={v}" for k, v in args.overrides.items())
+          + "".join(f"; {n}" for n in notes))
+    print("| case | SNR | method | " + " | ".join(COLUMNS) + " | wall s | peak RSS MB |")
+    print("|" + "---|" * (len(COLUMNS) + 5))
+    for seq, R in args.cases:
+        for snr in args.snr:
+            runs = [run_case(args, seq, R, snr, seed, methods, dev) for seed in seeds]
+            label = f"{seq}{R:g} | {'ideal' if snr is None else f'{snr:g}'}"
+            case = {}
+            for method in methods:
+                errs = [r[method][0] for r in runs]
+                case[method] = {k: statistics.mean(e[k] for e in errs) for k in errs[0]}
+                cells = [summarise([e[c] for e in errs]) if c in errs[0] else "-" for c in COLUMNS]
+                wall = statistics.mean(r[method][1] for r in runs)
+                mem = max(r[method][2] for r in runs)
+                print(f"| {label} | {method} | " + " | ".join(cells) + f" | {wall:.1f} | {mem:.0f} |",
+                      flush=True)
+            if len(case) > 1:
+                print(lowest_row(label, case), flush=True)
 
 
 if __name__ == "__main__":

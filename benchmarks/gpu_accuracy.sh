@@ -1,6 +1,8 @@
 #!/bin/bash
-# The accuracy table (benchmarks/accuracy.py: qalas R = 4, 8, 16, 48 and mrf R = 200, 400,
-# 64x64x48, 8 coils, every method, seed 0) in one call of a lent GPU, whose device time is short:
+# An accuracy table (benchmarks/accuracy.py, one process per case, qalas R = 4, 8, 16, 48 and mrf
+# R = 200, 400 by default; accuracy.py's own defaults otherwise: the realistic simulation at
+# 40x32x24; ARGS="--confirm" for 64x64x48, or ARGS="--ideal --matrix 64 64 48 --coils 8 --seeds 1"
+# for the earlier idealised table) in one call of a lent GPU, whose device time is short:
 # every case is its own accuracy.py process, all at once on the one GPU (a 64x64x48 fit leaves most
 # of an H200 idle), each under a timeout, so that a slow case costs only its own rows. Each case's
 # rows go to $OUT/<case>.out as they finish (stderr, with the per-seed lines, to <case>.err); at the
@@ -27,7 +29,7 @@ threads=$(( $(nproc) / $(echo $CASES | wc -w) ))
 pids=()
 for case in $CASES; do
     seq=${case%%:*} R=${case#*:}
-    if [ "$seq" = qalas ]; then sel="--qalas-accel $R --mrf-accel"; else sel="--qalas-accel --mrf-accel $R"; fi
+    sel="--cases $seq$R"
     # shellcheck disable=SC2086
     OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 )) timeout "${CASE_TIMEOUT:-480}" \
         "$PY" benchmarks/accuracy.py --device "${DEVICE:-cuda}" $sel ${ARGS:-} \
@@ -43,7 +45,7 @@ done
 files=()
 for case in $CASES; do files+=("$OUT/${case%%:*}${case#*:}.out"); done
 { for f in "${files[@]}"; do grep -q '^# accuracy' "$f" && { head -3 "$f"; break; }; done
-  for f in "${files[@]}"; do grep '^| [a-z]* | [0-9]' "$f"; done
+  for f in "${files[@]}"; do grep -E '^\| [a-z]+[0-9.]+ \| ' "$f"; done
 } > "$OUT/table.md"
 cat "$OUT/table.md"
 exit $status

@@ -32,6 +32,8 @@ PROG = "lorein"
 SEQUENCES = ("qalas", "mrf")
 METHODS = ("lorein", "pmr", "lrr", "cg", "llr", "zerofill")     # = recon.METHODS (checked in tests)
 DEFAULT_ACCEL = {"qalas": 16.0, "mrf": 200.0}
+DEFAULT_SNR = 30.0       # realistic mode: white matter's SNR in the brightest contrast
+DEFAULT_NOISE = 0.01     # ideal mode: noise sd relative to the largest image magnitude
 DEFAULT_MATRIX = (64, 64, 48)
 # The demo's default size: the whole demo (simulation, LoREIN fit on CPU, figure) in a few minutes
 # on 2 cores (measured timings in README.md).
@@ -187,26 +189,41 @@ def _load_protocol(sequence: str | None, protocol_path: str | None):
 
 
 def simulation_plan(args):
-    """Check and complete the simulation options: (protocol, dict of simulate() arguments)."""
-    from .sim import sampling
+    """Check and complete the simulation options: (protocol, dict of simulate() arguments).
+    Realistic mode unless --ideal (simulate.simulate's modes)."""
+    from .sim import simulate
     matrix = _check_matrix(args.matrix)
     proto = _load_protocol(args.sequence, args.protocol)
     accel = args.accel if args.accel is not None else DEFAULT_ACCEL.get(proto.kind, 16.0)
-    n_frames = proto.n_frames
-    mode = args.calib_mode or "union"   # the simulator's default: a shared block big enough for coil maps
+    ideal = getattr(args, "ideal", False)
+    if not ideal and args.noise is not None:
+        raise UsageError("--noise (relative to the largest image) is the idealised mode's knob: "
+                         "add --ideal, or give the realistic mode an --snr")
+    if ideal and getattr(args, "snr", None) is not None:
+        raise UsageError("--snr is the realistic mode's knob: without --ideal, or --noise with it")
+    mode = "ideal" if ideal else "realistic"
     nx, ny, nz = matrix
-    calib = tuple(args.calib) if args.calib else None
+    calib = tuple(args.calib) if getattr(args, "calib", None) else None
     try:
-        if calib is None:
-            calib = sampling.auto_calib(n_frames, ny, nz, accel, mode)
         # the masks themselves (cheap): every budget and calibration check of the simulator
-        sampling.sampling_masks(n_frames, ny, nz, accel, calib=calib, calib_mode=mode, seed=args.seed)
+        _, calib, calib_mode, pattern = simulate.scan_masks(
+            proto, ny, nz, accel, calib, args.calib_mode, args.pattern, args.seed, mode)
     except ValueError as err:
         raise UsageError(f"sampling: {err}") from None
     if calib[0] * calib[1] == 0:
         raise UsageError("--calib 0 0: the reconstruction needs a calibration region (coil maps)")
-    return proto, dict(matrix=matrix, n_coils=args.coils, accel=accel, noise=args.noise,
-                       seed=args.seed, calib=calib, calib_mode=mode)
+    plan = dict(matrix=matrix, n_coils=args.coils, accel=accel, seed=args.seed, calib=calib,
+                calib_mode=calib_mode, mode=mode, pattern=pattern)
+    if ideal:
+        plan["noise"] = DEFAULT_NOISE if args.noise is None else args.noise
+    else:
+        plan["snr"] = DEFAULT_SNR if args.snr is None else args.snr
+    return proto, plan
+
+
+def noise_text(plan: dict) -> str:
+    """'noise 0.01 (ideal)' or 'SNR 30' for messages and titles."""
+    return f"noise {plan['noise']:g} (ideal)" if plan.get("mode") == "ideal" else f"SNR {plan['snr']:g}"
 
 
 def save_npz(path, arrays: dict) -> None:
@@ -233,6 +250,8 @@ def truth_arrays(sim, proto) -> dict:
     out = {k: np.asarray(t[k], np.float32) for k in MAP_ORDER if k in t}
     out["labels"] = np.asarray(t["labels"], np.uint8)
     out["brain_mask"] = np.asarray(t["labels"] > 0)
+    if "pure" in t:         # realistic mode: voxels without partial volume
+        out["pure"] = np.asarray(t["pure"], bool)
     out["fov_mm"] = np.asarray(sim.scan.fov_mm, np.float64)
     out["protocol"] = np.asarray(proto.name)
     nz, ny, nx = out["T1"].shape
@@ -241,7 +260,8 @@ def truth_arrays(sim, proto) -> dict:
 
 
 def load_truth(path) -> dict:
-    """A truth .npz as written by ``lorein simulate`` (also accepts lower-case t1/t2/pd/b1 keys)."""
+    """A truth .npz as written by ``lorein simulate`` (also accepts lower-case t1/t2/pd/b1 keys;
+    ``pure`` only where the file has it: ideal-mode and older files do not)."""
     import numpy as np
     _check_input(path, "truth file", hdf5=False)
     keys = {"t1": "T1", "t2": "T2", "pd": "PD", "b1": "B1"}
@@ -267,8 +287,8 @@ def simulate_to_files(proto, plan: dict, raw_path, truth_path=None, png_path=Non
     say = say or (lambda text: None)
     nx, ny, nz = plan["matrix"]
     say(f"simulating {proto.name} ({proto.n_frames} frames), matrix {nx}x{ny}x{nz}, {plan['n_coils']} coils, "
-        f"R = {plan['accel']:g}, calibration {plan['calib'][0]}x{plan['calib'][1]} ({plan['calib_mode']}), "
-        f"noise {plan['noise']:g}, seed {plan['seed']}")
+        f"R = {plan['accel']:g}, calibration {plan['calib'][0]}x{plan['calib'][1]} ({plan['calib_mode']}, "
+        f"pattern {plan.get('pattern') or 'per_frame'}), {noise_text(plan)}, seed {plan['seed']}")
     t0 = time.perf_counter()
     sim = simulate.simulate(proto, **plan)
     scan = sim.scan
@@ -563,7 +583,7 @@ def cmd_demo(args) -> int:
     nx, ny, nz = plan["matrix"]
     plots.maps_figure(maps, png, truth=truth,
                       title=f"{args.method} | {proto.name}, {nx}x{ny}x{nz}, {plan['n_coils']} coils, "
-                            f"R = {plan['accel']:g}, noise {plan['noise']:g}")
+                            f"R = {plan['accel']:g}, {noise_text(plan)}")
     total = time.perf_counter() - t_all
     print(nrmse_table(maps, truth))
     print(f"\nsimulation {t_sim:.1f} s, reconstruction {t_rec:.1f} s, total {total:.1f} s")
@@ -598,12 +618,25 @@ def _add_simulation_arguments(p, matrix_default, accel_help) -> None:
     p.add_argument("--coils", type=_int_at_least(1, "a number of coils"), default=8,
                    help="receive coils (default 8)")
     p.add_argument("--accel", type=_float_range(1.0, what="an acceleration"), help=accel_help)
-    p.add_argument("--noise", type=_float_range(0.0, what="a noise level"), default=0.01,
-                   help="noise standard deviation relative to the largest image magnitude (default 0.01)")
+    p.add_argument("--ideal", action="store_true",
+                   help="the idealised simulation (object on the reconstruction grid, its own signal "
+                        "model, no transmit field for qalas): the inverse crime; default: realistic "
+                        "(2x finer object, partial volume, transmit field, scanner-like sampling)")
+    p.add_argument("--snr", type=_float_range(0.0, low_open=True, what="an SNR"),
+                   help=f"realistic mode: white matter's SNR in the brightest fully sampled, "
+                        f"coil-combined contrast (default {DEFAULT_SNR:g})")
+    p.add_argument("--noise", type=_float_range(0.0, what="a noise level"),
+                   help=f"--ideal: noise standard deviation relative to the largest image magnitude "
+                        f"(default {DEFAULT_NOISE:g})")
+    p.add_argument("--pattern", type=lambda t: t.replace("-", "_"), choices=("shared", "per_frame"),
+                   help="one sampling pattern for every frame, or a new one per frame (default: "
+                        "realistic qalas shared, as the scanner acquires it; otherwise per-frame)")
     p.add_argument("--seed", type=int, default=0, help="phantom, coils, masks and noise (default 0)")
     p.add_argument("--calib-mode", choices=("per_frame", "union"),
-                   help="calibration region in every frame, or split among frames (default: union, "
-                        "which leaves room for a block big enough for good coil maps)")
+                   help="calibration region in every frame, or split among frames (default: realistic "
+                        "per_frame, as a scanner samples it, union where no block fits in every "
+                        "frame; --ideal union, which leaves room for a block big enough for good "
+                        "coil maps)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,28 +14,30 @@ def load(name):
 
 def test_accuracy_table_with_seeds(capsys):
     acc = load("accuracy")
-    acc.main(["--matrix", "12", "12", "8", "--qalas-accel", "8", "--mrf-accel",
+    acc.main(["--matrix", "12", "12", "8", "--coils", "3", "--cases", "qalas8", "--snr", "30",
               "--methods", "cg", "pmr", "--iterations", "4", "--seeds", "2"])
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| qalas") and "lowest" not in line]
+    rows = [line for line in out.splitlines() if line.startswith("| qalas8 | 30 |") and "lowest" not in line]
     assert len(rows) == 2, out
-    cg, pmr = rows
-    assert "+-" not in cg, "the deterministic linear method runs once"
-    # pmr: T1, T2, PD (brain) and T1, T2, PD (tissue) as mean +- sd over the two seeds
-    assert len(re.findall(r"\d\.\d{3} \+- \d\.\d{3}", pmr)) == 6, pmr
-    assert "mean +- sd over seeds 0-1" in out
-    acc.main(["--matrix", "12", "12", "8", "--qalas-accel", "8", "--mrf-accel", "--methods", "pmr",
-              "--iterations", "2", "--seeds", "2", "--first-seed", "3"])
+    assert "realistic simulation" in out.splitlines()[0] and "mean +- sd over seeds 0-1" in out
+    # every method runs once per seed (the seed changes the scan): T1, T2 (pure, all, p99) and
+    # PD (pure, all) as mean +- sd; qalas has no B1 columns
+    for row in rows:
+        assert len(re.findall(r"\d\.\d{3} \+- \d\.\d{3}", row)) == 8, row
+        assert row.count("| - ") == 3, row
+    acc.main(["--matrix", "12", "12", "8", "--coils", "3", "--cases", "qalas8", "--snr", "30",
+              "--methods", "pmr", "--iterations", "2", "--seeds", "2", "--first-seed", "3"])
     assert "mean +- sd over seeds 3-4" in capsys.readouterr().out
 
 
-def test_accuracy_lowest_row_names_the_lowest_method_of_each_map(capsys):
+def test_accuracy_lowest_row_names_the_lowest_method_of_each_column(capsys):
     acc = load("accuracy")
-    acc.main(["--matrix", "12", "12", "8", "--coils", "4", "--qalas-accel", "8", "--mrf-accel",
-              "--methods", "zerofill", "cg"])
+    acc.main(["--matrix", "12", "12", "8", "--coils", "4", "--cases", "qalas8", "--snr", "30",
+              "--seeds", "1", "--methods", "zerofill", "cg"])
     lines = capsys.readouterr().out.splitlines()
-    rows = {line.split("|")[3].strip(): [c.strip() for c in line.split("|")[4:11]]
-            for line in lines if line.startswith("| qalas | 8 |")}
+    n = len(acc.COLUMNS)
+    rows = {line.split("|")[3].strip(): [c.strip() for c in line.split("|")[4:4 + n]]
+            for line in lines if line.startswith("| qalas8 | 30 |")}
     assert list(rows) == ["zerofill", "cg", "lowest"], lines
     for j, cell in enumerate(rows["lowest"]):
         if rows["cg"][j] == "-":
@@ -43,18 +45,40 @@ def test_accuracy_lowest_row_names_the_lowest_method_of_each_map(capsys):
             continue
         vals = {m: float(rows[m][j]) for m in ("zerofill", "cg")}
         assert cell.split(" = ") == [m for m, v in vals.items() if v == min(vals.values())], (j, rows)
-    # values equal to 3 decimals are a tie, naming each; a map no method has is "-"
-    row = acc.lowest_row("mrf", 200, {"pmr": ({"T1": .0504, "B1": .027}, {"T1": .07}),
-                                      "lorein": ({"T1": .0501, "B1": .0272}, {"T1": .08})})
-    assert row.split(" | ")[2:7] == ["lowest", "pmr = lorein", "-", "-", "pmr = lorein"], row
-    assert row.split(" | ")[7] == "pmr", row
+    # values equal to 3 decimals are a tie, naming each; a column no method has is "-"
+    row = acc.lowest_row("mrf200 | 30", {"pmr": {"T1 pure": .0504, "B1 pure": .027},
+                                         "lorein": {"T1 pure": .0501, "B1 pure": .0272}})
+    cells = row.split(" | ")[3:3 + n]
+    assert cells[0] == "pmr = lorein" and cells[1] == "-" and cells[8] == "pmr = lorein", row
 
 
-def test_accuracy_b1_mismatch_is_named_in_the_header(capsys):
-    load("accuracy").main(["--matrix", "16", "16", "12", "--coils", "4", "--qalas-accel", "8",
-                           "--mrf-accel", "--methods", "cg", "--b1-mismatch"])
+def test_accuracy_ideal_and_b1_mismatch_are_named_in_the_header(capsys):
+    acc = load("accuracy")
+    acc.main(["--matrix", "16", "16", "12", "--coils", "4", "--cases", "qalas8", "--seeds", "1",
+              "--methods", "cg", "--ideal", "--b1-mismatch"])
     out = capsys.readouterr().out
-    assert "B1 mismatch" in out.splitlines()[0] and "| qalas | 8 | cg |" in out, out
+    assert "ideal simulation" in out.splitlines()[0] and "B1 mismatch" in out.splitlines()[0]
+    assert "| qalas8 | ideal | cg |" in out, out
+    with pytest.raises(SystemExit):
+        acc.main(["--b1-mismatch"])
+    assert "--ideal" in capsys.readouterr().err
+
+
+def test_accuracy_cases_defaults_and_bart(capsys):
+    acc = load("accuracy")
+    a = acc.parse_args([])
+    assert a.cases == [("qalas", 8), ("qalas", 16), ("qalas", 48), ("mrf", 200)]
+    assert (a.matrix, a.coils, a.seeds, a.snr) == ([40, 32, 24], 6, 3, [15.0, 30.0])
+    c = acc.parse_args(["--confirm"])
+    assert c.cases == [("qalas", 8), ("mrf", 200)]
+    assert (c.matrix, c.coils, c.seeds, c.snr) == ([64, 64, 48], 8, 1, [30.0])
+    with pytest.raises(SystemExit):
+        acc.parse_args(["--cases", "flash8"])
+    capsys.readouterr()
+    methods, notes = acc.choose_methods(None)
+    assert methods[:len(acc.METHODS)] == acc.METHODS
+    methods, notes = acc.choose_methods(["cg", "bart"])
+    assert methods == ["cg"] and notes and notes[0].startswith("bart skipped")
 
 
 def test_accuracy_settings_reach_the_reconstruction(capsys, monkeypatch):
@@ -62,8 +86,9 @@ def test_accuracy_settings_reach_the_reconstruction(capsys, monkeypatch):
     seen = []
     real = acc.recon.reconstruct
     monkeypatch.setattr(acc.recon, "reconstruct", lambda scan, st: seen.append(st) or real(scan, st))
-    acc.main(["--matrix", "12", "12", "8", "--qalas-accel", "8", "--mrf-accel", "--methods", "pmr",
-              "--iterations", "2", "--set", "coil_refine=0", "--set", "virtual_coils=2"])
+    acc.main(["--matrix", "12", "12", "8", "--coils", "3", "--cases", "qalas8", "--snr", "30",
+              "--seeds", "1", "--methods", "pmr", "--iterations", "2", "--set", "coil_refine=0",
+              "--set", "virtual_coils=2"])
     out = capsys.readouterr().out
     assert [(s.coil_refine, s.virtual_coils, s.method) for s in seen] == [(0, 2, "pmr")]
     assert "coil_refine=0; virtual_coils=2" in out.splitlines()[0], out
@@ -143,15 +168,16 @@ def test_gpu_accuracy_script_runs_every_case_and_gathers_one_table(tmp_path):
     import subprocess
     import sys
     env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", OUT=str(tmp_path),
-               ARGS="--matrix 12 12 8 --coils 4 --methods zerofill cg --iterations 2",
+               ARGS="--matrix 12 12 8 --coils 4 --methods zerofill cg --iterations 2 --seeds 1 --snr 30",
                CASES="mrf:100000 qalas:8 qalas:4")
     run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_accuracy.sh")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stdout + run.stderr     # mrf at R = 100000 has too few lines
     table = (tmp_path / "table.md").read_text().splitlines()
-    assert table[0].startswith("# accuracy: matrix [12, 12, 8], 4 coils") and table[1].startswith("| sequence |")
+    assert table[0].startswith("# accuracy: realistic simulation, matrix [12, 12, 8], 4 coils")
+    assert table[1].startswith("| case |")
     rows = [line.split(" | ")[:3] for line in table[3:]]
-    assert rows == [["| qalas", "8", "zerofill"], ["| qalas", "8", "cg"], ["| qalas", "8", "lowest"],
-                    ["| qalas", "4", "zerofill"], ["| qalas", "4", "cg"], ["| qalas", "4", "lowest"]], table
+    assert rows == [["| qalas8", "30", "zerofill"], ["| qalas8", "30", "cg"], ["| qalas8", "30", "lowest"],
+                    ["| qalas4", "30", "zerofill"], ["| qalas4", "30", "cg"], ["| qalas4", "30", "lowest"]], table
     assert "case mrf:100000: exit 1" in (tmp_path / "env.txt").read_text()
     assert "accel must be <=" in (tmp_path / "mrf100000.err").read_text()

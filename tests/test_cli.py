@@ -182,7 +182,7 @@ def _nrmse_rows(stdout: str) -> dict:
 def test_simulate_then_recon_round_trip(tmp_path):
     raw, truth, preview = tmp_path / "raw.h5", tmp_path / "truth.npz", tmp_path / "preview.png"
     res = run("simulate", "--sequence", "qalas", "--matrix", 24, 24, 16, "--coils", 4, "--accel", 4,
-              "--noise", 0.005, "--seed", 3, "-o", raw, "--truth", truth, "--png", preview)
+              "--snr", 50, "--seed", 3, "-o", raw, "--truth", truth, "--png", preview)
     assert res.returncode == 0, res.stderr
     assert raw.is_file() and truth.is_file() and preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "raw.h5" in res.stdout

@@ -135,3 +135,24 @@ def test_error_messages():
         sp.sampling_masks(5, 64, 48, 4, calib=(0, 4))
     with pytest.raises(ValueError, match="density_power"):
         sp.sampling_masks(5, 64, 48, 4, density_power=-1)
+
+
+def test_shared_pattern_and_centre():
+    """'shared': one mask (calibration block in full) for every frame; centre=True: the k-space
+    centre in every frame, also where the block is split among the frames; both within the budget."""
+    m = sp.sampling_masks(5, 32, 24, 8, calib=(6, 6), calib_mode="union", pattern="shared", seed=1)
+    assert (m == m[:1]).all() and m[:, sp.calib_region(32, 24, (6, 6))].all()
+    assert m.sum() == 5 * round(32 * 24 / 8)
+    u = sp.sampling_masks(200, 24, 16, 100, calib=(8, 8), calib_mode="union", seed=1, centre=True)
+    assert u[:, 8, 12].all() and u.sum() == sp.n_samples(200, 24, 16, 100)
+    assert u[:, sp.calib_region(24, 16, (8, 8))].any(0).all()
+    p = sp.sampling_masks(6, 24, 16, 4, calib=(0, 0), seed=1, centre=True)
+    assert p[:, 8, 12].all() and p.sum() == sp.n_samples(6, 24, 16, 4)
+    # the defaults leave the masks as they were
+    np.testing.assert_array_equal(sp.sampling_masks(5, 24, 16, 8, calib_mode="union", seed=3),
+                                  sp.sampling_masks(5, 24, 16, 8, calib_mode="union", seed=3,
+                                                          pattern="per_frame", centre=False))
+    with pytest.raises(ValueError, match="pattern"):
+        sp.sampling_masks(5, 24, 16, 8, pattern="same")
+    with pytest.raises(ValueError, match="centre"):
+        sp.sampling_masks(100, 24, 16, 384, calib=(4, 4), calib_mode="union", centre=True)

@@ -69,8 +69,8 @@ def simulated(request, tmp_path):
     else:
         ypath, proto = small_mrf_yaml(tmp_path)
         accel, extra = 100, ["--protocol", ypath, "--calib-mode", "union"]
-    raw, truth = run_simulate(tmp_path, "--matrix", nx, ny, nz, "--coils", coils, "--accel", accel,
-                              "--noise", 0.005, "--seed", 0, *extra)
+    raw, truth = run_simulate(tmp_path, "--ideal", "--matrix", nx, ny, nz, "--coils", coils,
+                              "--accel", accel, "--noise", 0.005, "--seed", 0, *extra)
     return argparse.Namespace(raw=raw, truth=truth, proto=proto, matrix=(nx, ny, nz), coils=coils,
                               accel=accel)
 
@@ -139,7 +139,8 @@ def test_fully_sampled_kspace_gives_the_contrast_images(tmp_path, sequence, over
     else:
         ypath, proto = small_mrf_yaml(tmp_path, n_tr=12)
         extra = ["--protocol", ypath]
-    raw, _ = run_simulate(tmp_path, "--matrix", nx, ny, nz, "--coils", coils, "--accel", 1, "--noise", 0,
+    raw, _ = run_simulate(tmp_path, "--ideal", "--matrix", nx, ny, nz, "--coils", coils, "--accel", 1,
+                          "--noise", 0,
                           "--oversampling", oversampling, *extra)
     d = ismrmrd.Dataset(str(raw), "dataset", False)
     try:
@@ -185,8 +186,8 @@ def _header_acceleration(raw):
 
 def test_qalas_reaches_r48(tmp_path):
     nx, ny, nz = 64, 64, 48
-    raw, _ = run_simulate(tmp_path, "--sequence", "qalas", "--matrix", nx, ny, nz, "--coils", 2,
-                          "--accel", 48, "--noise", 0.01)
+    raw, _ = run_simulate(tmp_path, "--ideal", "--sequence", "qalas", "--matrix", nx, ny, nz,
+                          "--coils", 2, "--accel", 48, "--noise", 0.01)
     r, n = _header_acceleration(raw)
     lines = 5 * ny * nz // 48
     assert r == pytest.approx(48.0) and n == lines + N_NOISE_SAMPLES // nx
@@ -198,8 +199,8 @@ def test_qalas_reaches_r48(tmp_path):
 
 def test_mrf_reaches_several_hundred(tmp_path):
     nx, ny, nz = 32, 32, 16
-    raw, _ = run_simulate(tmp_path, "--sequence", "mrf", "--matrix", nx, ny, nz, "--coils", 2,
-                          "--accel", 400, "--noise", 0.01)
+    raw, _ = run_simulate(tmp_path, "--ideal", "--sequence", "mrf", "--matrix", nx, ny, nz,
+                          "--coils", 2, "--accel", 400, "--noise", 0.01)
     r, n = _header_acceleration(raw)
     assert r == pytest.approx(400.0) and n == 400 * ny * nz // 400 + N_NOISE_SAMPLES // nx
     heads, _ = read_table(raw)
@@ -214,9 +215,19 @@ def test_defaults_per_sequence():
     parser = cli.build_parser()
     q = cli.simulation_plan(parser.parse_args(["simulate", "-o", "x.h5"]))
     m = cli.simulation_plan(parser.parse_args(["simulate", "--sequence", "mrf", "-o", "x.h5"]))
-    assert q[0].kind == "qalas" and q[1]["accel"] == 16 and q[1]["calib_mode"] == "union"
-    assert q[1]["matrix"] == (64, 64, 48) and q[1]["n_coils"] == 8 and q[1]["noise"] == 0.01
+    assert q[0].kind == "qalas" and q[1]["accel"] == 16 and q[1]["mode"] == "realistic"
+    assert q[1]["calib_mode"] == "per_frame" and q[1]["pattern"] == "shared"
+    assert q[1]["matrix"] == (64, 64, 48) and q[1]["n_coils"] == 8 and q[1]["snr"] == 30
+    assert "noise" not in q[1]
+    # mrf: a few lines per TR leave no room for a block in every frame: split, centre every TR
     assert m[0].kind == "mrf" and m[1]["accel"] == 200 and m[1]["calib_mode"] == "union"
+    assert m[1]["pattern"] == "per_frame"
+    i = cli.simulation_plan(parser.parse_args(["simulate", "--ideal", "-o", "x.h5"]))
+    assert i[1]["mode"] == "ideal" and i[1]["noise"] == 0.01 and i[1]["calib_mode"] == "union"
+    assert "snr" not in i[1] and i[1]["pattern"] == "per_frame"
+    for bad, what in ((["--noise", "0.01"], "--ideal"), (["--ideal", "--snr", "20"], "--snr")):
+        with pytest.raises(cli.UsageError, match=what):
+            cli.simulation_plan(parser.parse_args(["simulate", "-o", "x.h5", *bad]))
 
 
 def test_same_seed_same_file_and_truth(tmp_path):
@@ -243,3 +254,161 @@ def test_b1_mismatch_puts_the_transmit_field_into_a_qalas_signal():
     default = simulate.contrast_images(proto, nominal.phantom).numpy()
     assert not np.allclose(with_b1, default)
     assert "B1" not in mismatch.truth()            # not a reconstructed map for qalas
+
+
+# ----------------------------------------------------------------------------------------------
+# realistic mode
+# ----------------------------------------------------------------------------------------------
+
+def _digest(sim):
+    import hashlib
+    h = hashlib.sha256()
+    lines = sim.scan.lines
+    for a in (lines.data, lines.frame, lines.kz, lines.ky, lines.calib, sim.scan.noise):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_ideal_mode_unchanged():
+    """mode 'ideal' (the default of simulate.simulate) gives the scans of the simulator before the
+    realistic mode existed: checksums of its output then (same CPU kind, as test_data's files)."""
+    q = protocol.load("qalas")
+    m = protocol.load("mrf").with_overrides(n_tr=40, epg_states=16)
+    assert _digest(simulate.simulate(q, matrix=(16, 16, 8), n_coils=3, accel=4, noise=0.005,
+                                     seed=2)) == "a20b0822ca2bbfa9"
+    assert _digest(simulate.simulate(q, matrix=(16, 16, 8), n_coils=3, accel=4, noise=0.005, seed=2,
+                                     b1_mismatch=True, mode="ideal")) == "50c34354b7d4be10"
+    assert _digest(simulate.simulate(m, matrix=(16, 16, 8), n_coils=2, accel=20, noise=0.01, seed=1,
+                                     calib_mode="union")) == "9c5a473d5b5e5afa"
+
+
+def test_fine_grid_truth_is_the_pd_weighted_block_mean():
+    from gadget_lorein.sim import phantom as ph
+    fine = simulate.fine_phantom((16, 16, 8), seed=0)
+    assert fine.shape == (16, 32, 32) and fine.fov_mm == pytest.approx(ph.default_fov_mm((16, 16, 8)))
+    b1 = fine.b1[fine.labels > 0]
+    assert 0.85 < b1.min() < 0.95 and 1.05 < b1.max() < 1.15          # about +-12 %
+    coarse, pure = ph.block_average(fine, 2)
+    assert coarse.shape == (8, 16, 16) and pure.shape == (8, 16, 16) and pure.dtype == bool
+    rng = np.random.default_rng(0)
+    inside = np.argwhere(coarse.labels > 0)
+    for z, y, x in inside[rng.choice(len(inside), 40, replace=False)]:
+        blk = (slice(2 * z, 2 * z + 2), slice(2 * y, 2 * y + 2), slice(2 * x, 2 * x + 2))
+        pd = fine.pd[blk].astype(np.float64)
+        for name in ("t1", "t2", "b1"):
+            want = (getattr(fine, name)[blk] * pd).sum() / pd.sum()
+            assert getattr(coarse, name)[z, y, x] == pytest.approx(want, rel=1e-5), name
+        assert coarse.pd[z, y, x] == pytest.approx(pd.mean(), rel=1e-5)
+        lab = fine.labels[blk].ravel()
+        assert np.sum(lab == coarse.labels[z, y, x]) == np.bincount(lab).max()
+        assert pure[z, y, x] == (len(set(lab.tolist())) == 1)
+
+
+def test_pure_true_inside_tissue_false_at_boundaries():
+    from gadget_lorein.sim import phantom as ph
+    coarse, pure = ph.block_average(simulate.fine_phantom((32, 32, 24), seed=1), 2)
+    lab = coarse.labels
+    same = np.ones(lab.shape, bool)          # all 26 neighbours carry the voxel's label
+    for d in np.ndindex(3, 3, 3):
+        same &= np.roll(lab, tuple(np.array(d) - 1), (0, 1, 2)) == lab
+    wm_interior = same & (lab == ph.WM)
+    assert wm_interior.sum() > 50 and pure[wm_interior].mean() > 0.95
+    edge = (lab > 0) & ~same
+    assert edge.sum() > 50 and pure[edge].mean() < 0.7
+    skull = (lab > 0) & (np.roll(lab, 1, 2) == 0)     # the brain's outer surface along x
+    assert pure[skull].mean() < 0.5
+
+
+def test_crop_keeps_intensities():
+    """The central k-space of a fine grid, scaled: a uniform object keeps its value; a smooth one
+    gives about the mean of each FINE^3 block (the truth), not one fine voxel's value."""
+    import torch
+    from gadget_lorein.fft import fftnc, ifftnc
+    from gadget_lorein.sim.phantom import _blocks
+    for shape in ((8, 10, 12), (7, 9, 11)):
+        fine_shape = tuple(2 * n for n in shape)
+        img = ifftnc(simulate._crop_kspace(fftnc(torch.full(fine_shape, 3.0 + 0j)), shape))
+        np.testing.assert_allclose(img.numpy(), 3.0, atol=1e-5)
+        z, y, x = np.meshgrid(*[np.arange(n) - n / 2 for n in fine_shape], indexing="ij")
+        g = np.exp(-((x - 1.3) ** 2 + (y + 0.7) ** 2 + z ** 2) / 36.0).astype(np.float32)
+        img = ifftnc(simulate._crop_kspace(fftnc(torch.from_numpy(g).to(torch.complex64)), shape))
+        blk = _blocks(g, 2).mean(-1)
+        assert np.abs(img.numpy() - blk).max() < 0.03 * blk.max()
+
+
+def test_interpolated_fine_signals_match_the_model(tmp_path):
+    _, proto = small_mrf_yaml(tmp_path, n_tr=30)
+    fine = simulate.fine_phantom((16, 16, 8), seed=0)
+    _, exact = simulate._fine_signals(proto, fine, interpolate=False)
+    _, interp = simulate._fine_signals(proto, fine, interpolate=True)
+    err = (interp - exact).abs().amax(1) / exact.abs().amax(1)
+    assert float(err.max()) < 5e-3
+
+
+@pytest.mark.parametrize("seq,accel,pattern", [("qalas", 8, None), ("qalas", 8, "per_frame"),
+                                               ("mrf", 60, None)])
+def test_realistic_sampling_calibrates_every_frame(tmp_path, seq, accel, pattern):
+    proto = protocol.load("qalas") if seq == "qalas" else small_mrf_yaml(tmp_path, n_tr=100)[1]
+    ny, nz = 24, 16
+    mask, calib, mode, pat = simulate.scan_masks(proto, ny, nz, accel, pattern=pattern,
+                                                 mode="realistic")
+    assert sampling.acceleration(mask) == pytest.approx(accel, rel=0.02)
+    assert mask[:, nz // 2, ny // 2].all()                          # the centre, every frame
+    region = sampling.calib_region(ny, nz, calib)
+    if seq == "qalas":
+        assert mode == "per_frame" and pat == (pattern or "shared") and region.sum() >= 16
+        assert mask[:, region].all()                                # the whole block, every frame
+        assert (pat == "shared") == bool((mask == mask[:1]).all())
+    else:
+        assert mode == "union" and pat == "per_frame" and mask[:, region].any(0).all()
+    sim = simulate.simulate(proto, matrix=(16, ny, nz), n_coils=2, accel=accel, seed=0,
+                            mode="realistic", pattern=pattern, snr=30)
+    lines = sim.scan.lines
+    got = np.zeros_like(mask)
+    got[lines.frame, lines.kz, lines.ky] = True
+    np.testing.assert_array_equal(got, mask)
+    assert np.array_equal(lines.calib, region[lines.kz, lines.ky])
+
+
+def test_realistic_white_matter_snr():
+    """Fully sampled, coil-combined (optimal combination after whitening with the noise scan's
+    covariance): white matter's SNR in the brightest contrast is the snr asked for."""
+    import torch
+    from gadget_lorein.recon import calibration
+    from gadget_lorein.sim import phantom as ph
+    from gadget_lorein.fft import ifftnc
+    proto, snr = protocol.load("qalas"), 20.0
+    kw = dict(matrix=(24, 24, 16), n_coils=4, accel=1, seed=0, mode="realistic")
+    noisy = simulate.simulate(proto, snr=snr, **kw)
+    clean = simulate.simulate(proto, snr=None, **kw)
+    assert clean.noise_sigma == 0 and noisy.noise_sigma > 0
+    w = calibration.whitening_matrix(noisy.scan.noise)
+
+    def images(sim, data):
+        lines = sim.scan.lines
+        k = np.zeros((lines.n_coils, lines.n_frames, lines.nz, lines.ny, data.shape[-1]), np.complex64)
+        k[:, lines.frame, lines.kz, lines.ky, :] = np.moveaxis(data, 0, 1)
+        return np.einsum("dc,c...->d...", w, ifftnc(torch.from_numpy(k)).numpy())
+
+    y0 = images(clean, clean.scan.lines.data)
+    n = images(noisy, noisy.scan.lines.data - clean.scan.lines.data)
+    truth = noisy.truth()
+    wm = (truth["labels"] == ph.WM) & truth["pure"]
+    assert wm.sum() > 300
+    mag = np.sqrt((np.abs(y0) ** 2).sum(0))                     # = the optimal combination's |.|
+    t = int(np.argmax([mag[f][wm].mean() for f in range(mag.shape[0])]))
+    s_hat = y0[:, t][:, wm] / mag[t][wm]
+    proj = (np.conj(s_hat) * n[:, t][:, wm]).sum(0)             # the combination's noise
+    sd = np.sqrt(np.mean(np.abs(proj) ** 2) / 2)                # per real / imaginary part
+    measured = mag[t][wm].mean() / sd
+    assert measured == pytest.approx(snr, rel=0.15), measured
+
+
+def test_realistic_truth_file_has_pure(tmp_path):
+    raw, truth = run_simulate(tmp_path, "--matrix", 16, 16, 8, "--coils", 2, "--accel", 4)
+    t = cli.load_truth(truth)
+    assert t["pure"].dtype == bool and t["pure"].shape == t["T1"].shape
+    assert 0.05 < t["pure"][t["labels"] > 0].mean() < 1.0        # large voxels: mostly mixed
+    raw, truth = run_simulate(tmp_path, "--ideal", "--matrix", 16, 16, 8, "--coils", 2, "--accel", 4,
+                              name="ideal")
+    assert "pure" not in cli.load_truth(truth)                  # ideal (and older) files: absent

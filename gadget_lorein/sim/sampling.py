@@ -15,6 +15,11 @@ thus gets its share of the density's centre), from the variable density (1 + (r 
 radius normalised to 1 at the grid's edge along ky and kz and r0 = 0.25 (a new draw per frame).
 Per-frame totals (calibration included) differ by at most one line across frames in 'union' mode;
 in 'per_frame' mode the non-calibration lines differ by at most one across frames.
+
+``centre=True`` adds the central (ky, kz) line to every frame (within the budget), as a readout
+through the k-space centre every repetition does (MRF's spirals) where a block per frame cannot fit.
+Pattern 'shared' (``PATTERNS``): one frame's mask (calibration block in full) for every frame, as
+3D-QALAS acquires the same phase encodes in each of the readouts of a repetition.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import math
 import numpy as np
 
 CALIB_MODES = ("per_frame", "union")
+PATTERNS = ("per_frame", "shared")
 DENSITY_R0 = 0.25
 _CALIB_CAP = 24      # auto_calib never picks more than this along an axis
 _CALIB_MIN = 4       # nor less than this (or the grid size, if smaller)
@@ -152,16 +158,24 @@ def auto_calib(n_frames: int, ny: int, nz: int, accel: float, calib_mode: str = 
 
 def sampling_masks(n_frames: int, ny: int, nz: int, accel: float, calib=None,
                    calib_mode: str = "per_frame", seed: int = 0,
-                   density_power: float = 1.0) -> np.ndarray:
-    """Boolean (n_frames, nz, ny) masks with exactly round(n_frames*ny*nz/accel) True entries.
+                   density_power: float = 1.0, pattern: str = "per_frame",
+                   centre: bool = False) -> np.ndarray:
+    """Boolean (n_frames, nz, ny) masks with exactly round(n_frames*ny*nz/accel) True entries
+    (pattern 'shared': n_frames x round(ny*nz/accel)).
 
     calib = (cy, cz) calibration block (default ``auto_calib``; (0, 0) for none), sampled in
     every frame ('per_frame') or split among the frames ('union'); the other lines are drawn
     from the variable density ``density(ny, nz, density_power)`` (0 = uniform), a new draw per
-    frame, reproducibly from ``seed``.
+    frame, reproducibly from ``seed``. ``pattern`` and ``centre``: see the module docstring.
     """
     n_frames, ny, nz = _check_grid(n_frames, ny, nz)
     _check_mode(calib_mode)
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
+    if pattern == "shared":
+        one = sampling_masks(1, ny, nz, accel, calib, "per_frame", seed, density_power,
+                             centre=centre)
+        return np.repeat(one, n_frames, axis=0)
     total = n_samples(n_frames, ny, nz, accel)
     if calib is None:
         calib = auto_calib(n_frames, ny, nz, accel, calib_mode)
@@ -189,9 +203,16 @@ def sampling_masks(n_frames: int, ny: int, nz: int, accel: float, calib=None,
 
     rng = np.random.default_rng(seed)
     masks = np.zeros((n_frames, nz, ny), bool)
+    cz0, cy0 = nz // 2, ny // 2
     if calib_mode == "per_frame":
         masks[:, region] = True
         extra = total - n_frames * n_cal
+        if centre and not region[cz0, cy0]:
+            masks[:, cz0, cy0] = True
+            extra -= n_frames
+        if extra < 0:
+            raise ValueError(f"accel={accel} leaves {total} lines, fewer than the k-space centre "
+                             f"in each of the {n_frames} frames")
         quota = np.full(n_frames, extra // n_frames)
         quota[rng.permutation(n_frames)[: extra % n_frames]] += 1
     else:
@@ -201,12 +222,17 @@ def sampling_masks(n_frames: int, ny: int, nz: int, accel: float, calib=None,
         frame_of = order[np.arange(n_cal) % n_frames]
         masks[frame_of, cal_z[perm], cal_y[perm]] = True
         n_cal_f = np.bincount(frame_of, minlength=n_frames)
+        if centre:
+            n_cal_f += ~masks[:, cz0, cy0]
+            masks[:, cz0, cy0] = True
         # frames that got one calibration line more also get the larger total, so that the
         # totals differ by at most one and no frame's calibration exceeds its total
         totals = np.full(n_frames, total // n_frames)
         totals[order[: total % n_frames]] += 1
         quota = totals - n_cal_f
-        assert np.all(quota >= 0)
+        if np.any(quota < 0):
+            raise ValueError(f"accel={accel} leaves {total} lines for {n_frames} frames, fewer "
+                             f"than the calibration block and the k-space centre in every frame")
 
     # the other lines: a new variable-density draw per frame among the lines that the frame has
     # not sampled yet (a weighted draw without replacement, Efraimidis-Spirakis, written as an
