@@ -85,7 +85,13 @@ class FitConfig:
     adam_beta2: float = 0.999        # tried and not kept (module docstring, Optimiser)
     couple_weight: float = 0.1       # module docstring, Objective (the sweep: RESULTS.md)
     init_cg_iterations: int = 20
-    init: str = "cg"          # linear estimate the maps start from: zerofill | cg
+    init: str = "cg"          # linear estimate the maps start from: zerofill | cg | llr
+    init_llr_iterations: int = 40    # init "llr": FISTA steps of the locally low-rank start
+    output: str = "pmr"              # maps from: pmr | lrr (LRR coefficients matched) | guard (PMR,
+    #                                  but matched LRR where the two disagree by more than ``guard``)
+    guard: float = 0.4               # output "guard": |log(T_pmr / T_lrr)| above this -> LRR's maps
+    noise_stop: float = 0.0          # > 0: stop once the data term of the block the maps come from
+    #                                  is below noise_stop x its noise floor (discrepancy principle)
     patience: int = 40
     tol: float = 1e-4
     # held-out lines (the operator's ``held_out``, see recon's ``holdout``): their loss is checked
@@ -208,6 +214,8 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
     t0 = time.perf_counter()
     if cfg.init == "cg":
         x_lin = baselines.cg_recon(op, iters=cfg.init_cg_iterations)
+    elif cfg.init == "llr":
+        x_lin = baselines.llr_recon(op, iters=cfg.init_llr_iterations, seed=seed)
     else:
         x_lin = baselines.zero_filled(op)
     x0 = x_lin[:, support].T.contiguous()                               # N, K
@@ -281,6 +289,10 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
         held_state = snapshot()
     lrr_coils_fixed = use_pmr and not cfg.coil_from_lrr   # lorein: PMR's data term alone fits the coils
     best, best_it, history = float("inf"), 0, []
+    # noise floor of a data term: whitened noise has unit power per complex sample
+    noise_power = getattr(op, "noise_power", None)
+    floor = (noise_power * op.n_lines * n_coils * op.maps.shape[-1]
+             if cfg.noise_stop > 0 and noise_power and not subset else 0.0)
     for it in range(iterations):
         opt.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=op.device)
@@ -290,12 +302,14 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
         maps = coil_model() if coil_model is not None else None
         if use_lrr:
             x = lrr()
-            loss = loss + op.data_loss(scatter(x, support), coils,
-                                       maps.detach() if maps is not None and lrr_coils_fixed else maps) / y2
+            dc_lrr = op.data_loss(scatter(x, support), coils,
+                                  maps.detach() if maps is not None and lrr_coils_fixed else maps)
+            loss = loss + dc_lrr / y2
         if use_pmr:
             pm = pmr()
             xp = pmr.coefficients(pm)
-            loss = loss + op.data_loss(scatter(xp, support), coils, maps) / y2
+            dc_pmr = op.data_loss(scatter(xp, support), coils, maps)
+            loss = loss + dc_pmr / y2
         if use_pmr and cfg.tv_weight:
             loss = loss + cfg.tv_weight * _tv(pm, support)
         if use_lrr and use_pmr:
@@ -317,6 +331,10 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
                 log.info("lorein: held-out loss more than %g above its lowest since step %d: stopped "
                          "at %d, maps of step %d", cfg.holdout_tol, rule.kept, it + 1, rule.kept)
                 break
+        if floor and float(dc_pmr if use_pmr else dc_lrr) < cfg.noise_stop * floor:
+            log.info("lorein: data term at %g x its noise floor after %d steps: stopped",
+                     cfg.noise_stop, it + 1)
+            break
         if val < best * (1 - cfg.tol):
             best, best_it = val, it
         elif it - best_it > cfg.patience and not subset:    # a coil subset's loss is noisy: no
@@ -328,6 +346,16 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
             m.load_state_dict(state)
     with torch.no_grad():
         m = pmr() if use_pmr else sub.match(lrr())   # maps from PMR, or matched LRR coefficients
+        if use_pmr and use_lrr and cfg.output != "pmr":
+            ml = sub.match(lrr())
+            if cfg.output == "lrr":
+                m = ml
+            else:
+                off = ((m["t1"] / ml["t1"]).log().abs() > cfg.guard) | \
+                      ((m["t2"] / ml["t2"]).log().abs() > cfg.guard)
+                m = {k: torch.where(off, ml[k].to(m[k].dtype), m[k]) for k in m}
+                log.info("lorein: %d of %d voxels from the LRR block (guard %g)", int(off.sum()),
+                         off.numel(), cfg.guard)
         maps = map_volumes(m, support, encodes_b1)
     info = dict(iterations=len(history), final_loss=history[-1] if history else None,
                 fit_seconds=time.perf_counter() - t0, voxels=int(support.sum()))
