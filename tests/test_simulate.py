@@ -319,6 +319,7 @@ def test_crop_keeps_intensities():
     """The central k-space of a fine grid, scaled: a uniform object keeps its value; a smooth one
     gives about the mean of each FINE^3 block (the truth), not one fine voxel's value."""
     import torch
+
     from gadget_lorein.fft import fftnc, ifftnc
     from gadget_lorein.phantom import _blocks
     for shape in ((8, 10, 12), (7, 9, 11)):
@@ -370,7 +371,9 @@ def test_realistic_white_matter_snr():
     """Fully sampled, coil-combined (optimal combination after whitening with the noise scan's
     covariance): white matter's SNR in the brightest contrast is the snr asked for."""
     import torch
-    from gadget_lorein import calibration, phantom as ph
+
+    from gadget_lorein import calibration
+    from gadget_lorein import phantom as ph
     from gadget_lorein.fft import ifftnc
     proto, snr = protocol.load("qalas"), 20.0
     kw = dict(matrix=(24, 24, 16), n_coils=4, accel=1, seed=0, mode="realistic")
@@ -400,10 +403,10 @@ def test_realistic_white_matter_snr():
 
 
 def test_realistic_truth_file_has_pure(tmp_path):
-    raw, truth = run_simulate(tmp_path, "--matrix", 16, 16, 8, "--coils", 2, "--accel", 4)
+    _, truth = run_simulate(tmp_path, "--matrix", 16, 16, 8, "--coils", 2, "--accel", 4)
     t = cli.load_truth(truth)
     assert t["pure"].dtype == bool and t["pure"].shape == t["T1"].shape
     assert 0.05 < t["pure"][t["labels"] > 0].mean() < 1.0        # large voxels: mostly mixed
-    raw, truth = run_simulate(tmp_path, "--ideal", "--matrix", 16, 16, 8, "--coils", 2, "--accel", 4,
-                              name="ideal")
+    _, truth = run_simulate(tmp_path, "--ideal", "--matrix", 16, 16, 8, "--coils", 2, "--accel", 4,
+                            name="ideal")
     assert "pure" not in cli.load_truth(truth)                  # ideal (and older) files: absent
