@@ -221,6 +221,11 @@ def test_defaults_per_sequence():
     i = cli.simulation_plan(parser.parse_args(["simulate", "--ideal", "-o", "x.h5"]))
     assert i[1]["mode"] == "ideal" and i[1]["noise"] == 0.01 and i[1]["calib_mode"] == "union"
     assert "snr" not in i[1] and i[1]["pattern"] == "per_frame"
+    p = cli.simulation_plan(parser.parse_args(["simulate", "--pattern", "per-frame", "-o", "x.h5"]))
+    assert p[1]["pattern"] == "per_frame" and p[1]["calib_mode"] == "per_frame"
+    s = cli.simulation_plan(parser.parse_args(["simulate", "--ideal", "--pattern", "shared",
+                                               "--calib-mode", "union", "-o", "x.h5"]))
+    assert s[1]["pattern"] == "shared" and s[1]["calib_mode"] == "per_frame"
     for bad, what in ((["--noise", "0.01"], "--ideal"), (["--ideal", "--snr", "20"], "--snr")):
         with pytest.raises(cli.UsageError, match=what):
             cli.simulation_plan(parser.parse_args(["simulate", "-o", "x.h5", *bad]))
