@@ -202,7 +202,7 @@ def simulation_plan(args):
     if ideal and getattr(args, "snr", None) is not None:
         raise UsageError("--snr is the realistic mode's knob: without --ideal, or --noise with it")
     mode = "ideal" if ideal else "realistic"
-    nx, ny, nz = matrix
+    _, ny, nz = matrix
     calib = tuple(args.calib) if getattr(args, "calib", None) else None
     try:
         # the masks themselves (cheap): every budget and calibration check of the simulator

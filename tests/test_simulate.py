@@ -225,6 +225,11 @@ def test_defaults_per_sequence():
     i = cli.simulation_plan(parser.parse_args(["simulate", "--ideal", "-o", "x.h5"]))
     assert i[1]["mode"] == "ideal" and i[1]["noise"] == 0.01 and i[1]["calib_mode"] == "union"
     assert "snr" not in i[1] and i[1]["pattern"] == "per_frame"
+    p = cli.simulation_plan(parser.parse_args(["simulate", "--pattern", "per-frame", "-o", "x.h5"]))
+    assert p[1]["pattern"] == "per_frame" and p[1]["calib_mode"] == "per_frame"
+    s = cli.simulation_plan(parser.parse_args(["simulate", "--ideal", "--pattern", "shared",
+                                               "--calib-mode", "union", "-o", "x.h5"]))
+    assert s[1]["pattern"] == "shared" and s[1]["calib_mode"] == "per_frame"
     for bad, what in ((["--noise", "0.01"], "--ideal"), (["--ideal", "--snr", "20"], "--snr")):
         with pytest.raises(cli.UsageError, match=what):
             cli.simulation_plan(parser.parse_args(["simulate", "-o", "x.h5", *bad]))
@@ -323,6 +328,7 @@ def test_crop_keeps_intensities():
     """The central k-space of a fine grid, scaled: a uniform object keeps its value; a smooth one
     gives about the mean of each FINE^3 block (the truth), not one fine voxel's value."""
     import torch
+
     from gadget_lorein.fft import fftnc, ifftnc
     from gadget_lorein.sim.phantom import _blocks
     for shape in ((8, 10, 12), (7, 9, 11)):
@@ -374,6 +380,7 @@ def test_realistic_white_matter_snr():
     """Fully sampled, coil-combined (optimal combination after whitening with the noise scan's
     covariance): white matter's SNR in the brightest contrast is the snr asked for."""
     import torch
+
     from gadget_lorein.recon import calibration
     from gadget_lorein.sim import phantom as ph
     from gadget_lorein.fft import ifftnc
@@ -405,10 +412,10 @@ def test_realistic_white_matter_snr():
 
 
 def test_realistic_truth_file_has_pure(tmp_path):
-    raw, truth = run_simulate(tmp_path, "--matrix", 16, 16, 8, "--coils", 2, "--accel", 4)
+    _, truth = run_simulate(tmp_path, "--matrix", 16, 16, 8, "--coils", 2, "--accel", 4)
     t = cli.load_truth(truth)
     assert t["pure"].dtype == bool and t["pure"].shape == t["T1"].shape
     assert 0.05 < t["pure"][t["labels"] > 0].mean() < 1.0        # large voxels: mostly mixed
-    raw, truth = run_simulate(tmp_path, "--ideal", "--matrix", 16, 16, 8, "--coils", 2, "--accel", 4,
-                              name="ideal")
+    _, truth = run_simulate(tmp_path, "--ideal", "--matrix", 16, 16, 8, "--coils", 2, "--accel", 4,
+                            name="ideal")
     assert "pure" not in cli.load_truth(truth)                  # ideal (and older) files: absent

@@ -36,7 +36,8 @@ from ..physics.protocol import Protocol
 class Simulation:
     scan: Scan
     phantom: ph.Phantom
-    coils: np.ndarray             # (coils, nz, ny, nx) complex64, as simulated (not normalised)
+    coils: np.ndarray             # (coils, nz, ny, nx) complex64, unit RSS, on the recon grid
+                                  # (realistic mode: the data came from the same coils on the fine grid)
     noise_sigma: float
     noise_cov: np.ndarray         # (coils, coils)
     mode: str = "ideal"
@@ -202,6 +203,8 @@ def scan_masks(proto: Protocol, ny: int, nz: int, accel: float, calib=None, cali
                         raise
                     calib_mode, pattern = "union", "per_frame"
         centre = True
+    if pattern == "shared":
+        calib_mode = "per_frame"        # one pattern holds the whole block, so every frame does
     if calib is None:
         calib = sampling.auto_calib(1 if pattern == "shared" else n, ny, nz, accel,
                                     "per_frame" if pattern == "shared" else calib_mode)
