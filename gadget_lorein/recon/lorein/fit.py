@@ -1,53 +1,12 @@
-"""LoREIN: joint low-rank (LRR) and parameter-map (PMR) implicit neural representations
-(arXiv 2506.09100), fitted scan-specifically to the measured k-space. Methods: ``lorein`` (both
-blocks; maps from PMR), ``pmr`` (PMR alone, SUMMIT-like), ``lrr`` (LRR alone, then dictionary
-matching). Deterministic on CPU for a given seed. The measurements behind each choice below are in
-benchmarks/RESULTS.md ("lorein.py's design notes" and the sections it names).
+"""The LoREIN fit (arXiv 2506.09100): the LRR and PMR blocks (:mod:`.model`) fitted jointly to the
+measured k-space, scan-specifically. Methods: ``lorein`` (both blocks, tied by a coupling term; maps
+from PMR), ``pmr`` (PMR alone), ``lrr`` (LRR alone, then dictionary matching).
 
-- LRR block: a hash-grid coordinate network gives the K complex subspace coefficients of every voxel
-  in the object support: X = X0 + s * net_lrr(r). (Both networks return their change since
-  initialisation, so the fit starts exactly at X0 / the initial maps.)
-- PMR block: a second network gives T1, T2, B1 (bounded: sigmoids onto the dictionary's ranges, in
-  log T1 / log T2) and complex PD (bounded magnitude, phase); the signal table of the sequence's
-  physics model turns them into subspace coefficients Xp = PD * U^H s(T1, T2, B1).
-- Objective (all terms relative to ||y||^2, so the weights are scale free):
-      DC(X) + DC(Xp) + w_couple * ||Xp - X||^2 * (mean sampling density)
-  with DC(.) = ||A . - y||^2 computed in the subspace (operators.py). The density factor (the mean
-  of A^H A's diagonal) makes the coupling commensurate with the data terms. w_couple = 0.1
-  (``couple_weight``), from a sweep on the accuracy benchmark's qalas R = 8 case; at w = 1 the PMR
-  block followed the noisier LRR coefficients.
-- Initialisation: CG least squares in the subspace, dictionary matching, then Gaussian smoothing of
-  the matched maps (``init_smooth`` voxels; log T1, log T2, complex PD). The smoothed start is what
-  lets the coordinate networks act as a prior (started at the noisy per-voxel matches the fit keeps
-  their noise). The LRR block starts at the coefficients of the same smoothed maps.
-- Optimiser: Adam (torch's eps and beta2: Instant-NGP's 1e-15 / 0.99 fitted more noise at
-  64x64x48) with a cosine schedule over ``iterations`` (1200: at 300 neither network method had
-  converged); early stop when the loss has not improved by ``tol`` (relative) over ``patience``
-  steps. The iteration count acts as a regulariser whose best value moves with the volume.
-- Held-out lines (recon's ``holdout``, 0.05 by default): that fraction of the measured lines, drawn
-  at random, is left out of both data terms (operators.HeldOutLines); every ``holdout_every`` (20)
-  steps the block the maps come from predicts them (HeldOutRule), and the fit returns the state of
-  the last check whose held-out loss was within ``holdout_tol`` (1 %) of the lowest so far,
-  stopping once no check has been for ``holdout_patience`` (200) steps. Without it the fixed 1200
-  steps over-fit at mrf R = 400. "Within 1 %" rather than "lowest": on a plateau the lowest value is
-  a noise draw and an early one; the band prefers the more converged state, and past a real minimum
-  it still goes back.
-- B1 (where the protocol encodes it) is a smooth transmit field: it comes from a coarse trilinear
-  control grid (``b1_grid`` points per axis) on top of a strongly smoothed start, not from the
-  network.
-- Coil maps are refined jointly (``coil_refine``, on by default in lorein, pmr and lrr): both data
-  terms see S = S0 + a smooth correction (CoilRefinement), fitted with its own Adam step
-  (``coil_lr``); low-resolution calibration maps are ~13 % off the true sensitivities, mostly at the
-  object's edges. In lorein the correction is fitted by PMR's data term alone; the LRR data term
-  uses it as it stands (``coil_from_lrr`` True lets both fit it). So the LRR block reaches the maps
-  only through the coupling: at coupling 0 lorein's maps are pmr's, bit for bit (a test checks).
-- LRR grid: ``lrr_finest`` sets the finest hash-grid level of lorein's LRR network; 0 (the default)
-  keeps PMR's own grid (a coarser one helped one seed and not the next).
-- Speed switches that cost accuracy (off by default, measured in benchmarks/speed.py --variants):
-  ``coil_subset`` (an unbiased estimate of the data terms from a random subset of the coils each
-  step: fewer FFTs, a noisier gradient) and ``amp`` (the MLPs in bfloat16).
-Single fits of these networks move by a few hundredths of NRMSE with the seed, the thread count and
-the library versions, so differences of that size between methods are not rankings.
+Objective, relative to ||y||^2: DC(X_lrr) + DC(X_pmr) + couple_weight * density * ||X_pmr - X_lrr||^2,
+DC computed in the subspace (operators.py). Start: a linear estimate, matched to the dictionary and
+smoothed. Adam on a cosine schedule whose length (``default_iterations``) is the main regulariser;
+held-out lines choose the state returned. Deterministic on the CPU for a given seed. docs/design.md
+explains each choice and benchmarks/RESULTS.md holds the measurements behind it.
 """
 from __future__ import annotations
 
@@ -79,7 +38,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FitConfig:
-    iterations: int = 1200           # see the module docstring: the fits keep improving to here
+    iterations: int = 0              # 0: default_iterations(frames); the count is the fit's regulariser
     lr: float = 2e-2
     adam_eps: float = 1e-8           # torch's Adam defaults; Instant-NGP's 1e-15 / 0.99 were
     adam_beta2: float = 0.999        # tried and not kept (module docstring, Optimiser)
@@ -207,9 +166,18 @@ def fit(method: str, op: SubspaceOperator, sub: SubspaceModel, support: torch.Te
         torch.use_deterministic_algorithms(previous)
 
 
+def default_iterations(n_frames: int) -> int:
+    """Steps of the cosine schedule when none are asked for. On realistic scans (partial volume,
+    an unmodelled transmit field, SNR 15-30) the maps get worse past a few hundred steps while the
+    held-out loss still falls: the networks fit model error, which the held-out lines share. A
+    short schedule is the regulariser; long series (MRF) carry more data per voxel and take more
+    steps before that point (docs/design.md, benchmarks/RESULTS.md)."""
+    return 200 if n_frames <= 32 else 400
+
+
 def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, config, monitor=None):
     cfg = config or FitConfig()
-    iterations = iterations or cfg.iterations
+    iterations = iterations or cfg.iterations or default_iterations(sub.basis.shape[0])
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     if cfg.init == "cg":
