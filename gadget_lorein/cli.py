@@ -629,8 +629,9 @@ def _add_simulation_arguments(p, matrix_default, accel_help) -> None:
                    help=f"--ideal: noise standard deviation relative to the largest image magnitude "
                         f"(default {DEFAULT_NOISE:g})")
     p.add_argument("--pattern", type=lambda t: t.replace("-", "_"), choices=("shared", "per_frame"),
-                   help="one sampling pattern for every frame, or a new one per frame (default: "
-                        "realistic qalas shared, as the scanner acquires it; otherwise per-frame)")
+                   help="one sampling pattern for every frame, or a new variable-density draw per frame "
+                        "(default per-frame, as accelerated subspace scans vary the encodes between "
+                        "contrasts)")
     p.add_argument("--seed", type=int, default=0, help="phantom, coils, masks and noise (default 0)")
     p.add_argument("--calib-mode", choices=("per_frame", "union"),
                    help="calibration region in every frame, or split among frames (default: realistic "

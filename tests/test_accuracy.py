@@ -7,8 +7,8 @@ The columns are gadget_lorein.metrics.tissue_errors': NRMSE over all tissue voxe
 included) for T1 and T2, and over the voxels without partial volume for PD (whose scale is fitted).
 Network fits move by a few hundredths with the seed and the float rounding, so methods are compared
 by their mean over the seeds, each fit on one thread (bit-identical for a given seed there).
-Measured means (benchmarks/RESULTS.md has the table): lorein 0.267 / 0.745 / 0.101, llr 0.291 /
-0.794 / 0.207, zerofill 0.313 / 0.798 / 0.158, cg 0.99 / 1.01 / 0.44.
+Measured means (per-frame sampling, the realistic default): lorein 0.244 / 0.749 / 0.078, llr
+0.298 / 0.795 / 0.129, zerofill 0.319 / 0.797 / 0.154, cg 1.19 / 0.94 / 0.48.
 """
 from __future__ import annotations
 

@@ -216,7 +216,7 @@ def test_defaults_per_sequence():
     q = cli.simulation_plan(parser.parse_args(["simulate", "-o", "x.h5"]))
     m = cli.simulation_plan(parser.parse_args(["simulate", "--sequence", "mrf", "-o", "x.h5"]))
     assert q[0].kind == "qalas" and q[1]["accel"] == 16 and q[1]["mode"] == "realistic"
-    assert q[1]["calib_mode"] == "per_frame" and q[1]["pattern"] == "shared"
+    assert q[1]["calib_mode"] == "per_frame" and q[1]["pattern"] == "per_frame"
     assert q[1]["matrix"] == (64, 64, 48) and q[1]["n_coils"] == 8 and q[1]["snr"] == 30
     assert "noise" not in q[1]
     # mrf: a few lines per TR leave no room for a block in every frame: split, centre every TR
@@ -362,7 +362,7 @@ def test_realistic_sampling_calibrates_every_frame(tmp_path, seq, accel, pattern
     assert mask[:, nz // 2, ny // 2].all()                          # the centre, every frame
     region = sampling.calib_region(ny, nz, calib)
     if seq == "qalas":
-        assert mode == "per_frame" and pat == (pattern or "shared") and region.sum() >= 16
+        assert mode == "per_frame" and pat == (pattern or "per_frame") and region.sum() >= 16
         assert mask[:, region].all()                                # the whole block, every frame
         assert (pat == "shared") == bool((mask == mask[:1]).all())
     else:
