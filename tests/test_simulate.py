@@ -215,7 +215,7 @@ def test_defaults_per_sequence():
     parser = cli.build_parser()
     q = cli.simulation_plan(parser.parse_args(["simulate", "-o", "x.h5"]))
     m = cli.simulation_plan(parser.parse_args(["simulate", "--sequence", "mrf", "-o", "x.h5"]))
-    assert q[0].kind == "qalas" and q[1]["accel"] == 16 and q[1]["mode"] == "realistic"
+    assert q[0].kind == "qalas" and q[1]["accel"] == 8 and q[1]["mode"] == "realistic"
     assert q[1]["calib_mode"] == "per_frame" and q[1]["pattern"] == "per_frame"
     assert q[1]["matrix"] == (64, 64, 48) and q[1]["n_coils"] == 8 and q[1]["snr"] == 30
     assert "noise" not in q[1]
