@@ -170,7 +170,6 @@ def prepare(scan: Scan, settings: ReconSettings, timings: dict | None = None):
     with stage("operator"):
         op = SubspaceOperator(lines, sub.basis, torch.from_numpy(maps), device=dev,
                               coil_batch=settings.coil_batch)
-        op.noise_power = 1.0 if white is not None else None   # whitened: unit power per sample
         if held is not None:
             op.held_out = HeldOutLines(held, sub.basis, device=dev, coil_batch=settings.coil_batch)
     info = dict(protocol=proto.name, rank=sub.rank, energy=sub.energy, device=str(dev),

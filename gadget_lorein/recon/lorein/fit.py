@@ -49,8 +49,6 @@ class FitConfig:
     output: str = "pmr"              # maps from: pmr | lrr (LRR coefficients matched) | guard (PMR,
     #                                  but matched LRR where the two disagree by more than ``guard``)
     guard: float = 0.4               # output "guard": |log(T_pmr / T_lrr)| above this -> LRR's maps
-    noise_stop: float = 0.0          # > 0: stop once the data term of the block the maps come from
-    #                                  is below noise_stop x its noise floor (discrepancy principle)
     patience: int = 40
     tol: float = 1e-4
     # held-out lines (the operator's ``held_out``, see recon's ``holdout``): their loss is checked
@@ -257,10 +255,6 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
         held_state = snapshot()
     lrr_coils_fixed = use_pmr and not cfg.coil_from_lrr   # lorein: PMR's data term alone fits the coils
     best, best_it, history = float("inf"), 0, []
-    # noise floor of a data term: whitened noise has unit power per complex sample
-    noise_power = getattr(op, "noise_power", None)
-    floor = (noise_power * op.n_lines * n_coils * op.maps.shape[-1]
-             if cfg.noise_stop > 0 and noise_power and not subset else 0.0)
     for it in range(iterations):
         opt.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=op.device)
@@ -270,14 +264,12 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
         maps = coil_model() if coil_model is not None else None
         if use_lrr:
             x = lrr()
-            dc_lrr = op.data_loss(scatter(x, support), coils,
-                                  maps.detach() if maps is not None and lrr_coils_fixed else maps)
-            loss = loss + dc_lrr / y2
+            loss = loss + op.data_loss(scatter(x, support), coils,
+                                       maps.detach() if maps is not None and lrr_coils_fixed else maps) / y2
         if use_pmr:
             pm = pmr()
             xp = pmr.coefficients(pm)
-            dc_pmr = op.data_loss(scatter(xp, support), coils, maps)
-            loss = loss + dc_pmr / y2
+            loss = loss + op.data_loss(scatter(xp, support), coils, maps) / y2
         if use_pmr and cfg.tv_weight:
             loss = loss + cfg.tv_weight * _tv(pm, support)
         if use_lrr and use_pmr:
@@ -299,10 +291,6 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
                 log.info("lorein: held-out loss more than %g above its lowest since step %d: stopped "
                          "at %d, maps of step %d", cfg.holdout_tol, rule.kept, it + 1, rule.kept)
                 break
-        if floor and float(dc_pmr if use_pmr else dc_lrr) < cfg.noise_stop * floor:
-            log.info("lorein: data term at %g x its noise floor after %d steps: stopped",
-                     cfg.noise_stop, it + 1)
-            break
         if val < best * (1 - cfg.tol):
             best, best_it = val, it
         elif it - best_it > cfg.patience and not subset:    # a coil subset's loss is noisy: no
