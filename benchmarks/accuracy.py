@@ -123,7 +123,7 @@ def main(argv=None):
         overrides[key] = val
     try:
         recon.ReconSettings.from_mapping(overrides)
-    except recon.ReconError as err:
+    except ValueError as err:
         ap.error(f"--set: {err}")
     dev = recon.resolve_device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
