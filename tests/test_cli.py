@@ -14,7 +14,6 @@ import pytest
 
 from gadget_lorein import __version__, cli
 
-from gadget_lorein.recon import pipeline as recon
 from gadget_lorein.io import map_images
 
 LOREIN = Path(sys.executable).with_name("lorein")
