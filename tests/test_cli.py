@@ -87,7 +87,7 @@ BAD = {
     "recon-rank": (["recon", "{raw}", "-o", "{d}/m.h5", "--rank", -1], ["setting rank=-1", ">= 0"]),
     "recon-energy": (["recon", "{raw}", "-o", "{d}/m.h5", "--energy", 1.5], ["setting energy=1.5"]),
     "recon-iterations": (["recon", "{raw}", "-o", "{d}/m.h5", "--iterations", "many"], ["setting iterations=many"]),
-    "recon-coil-maps": (["recon", "{raw}", "-o", "{d}/m.h5", "--coil-maps", "sos"], ["--coil-maps"]),
+    "recon-coil-maps": (["recon", "{raw}", "-o", "{d}/m.h5", "--coil-maps", "sos"], ["setting coil_maps=sos"]),
     "recon-no-out": (["recon", "{raw}"], ["required", "-o"]),
     "recon-out-dir": (["recon", "{raw}", "-o", MISSING + "/m.h5"], ["does not exist"]),
     "recon-truth-missing": (["recon", "{raw}", "-o", "{d}/m.h5", "--truth", "{d}/none.npz"], ["truth", "does not exist"]),
@@ -111,7 +111,7 @@ BAD = {
     # demo
     "demo-matrix": (["demo", "--out", "{d}/demo", "--matrix", 4, 4, 4], ["outside"]),
     "demo-out-file": (["demo", "--out", "{d}/a_file"], ["not a folder"]),
-    "demo-method": (["demo", "--method", "magic"], ["invalid choice"]),
+    "demo-method": (["demo", "--method", "magic"], ["setting method=magic", "must be one of"]),
     "demo-accel": (["demo", "--out", "{d}/demo", "--accel", 0], ["--accel"]),
     # top level
     "unknown-command": (["reconstruct", "x.h5"], ["invalid choice"]),
