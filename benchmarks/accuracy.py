@@ -162,7 +162,7 @@ def parse_args(argv):
         args.overrides[key] = val
     try:
         recon.ReconSettings.from_mapping(args.overrides)
-    except recon.ReconError as err:
+    except ValueError as err:
         ap.error(f"--set: {err}")
     return args
 

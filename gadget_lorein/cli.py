@@ -21,33 +21,28 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
 from . import __version__
 
+from .sim.files import (DEFAULT_ACCEL, DEFAULT_NOISE, DEFAULT_SNR, MAP_ORDER, MATRIX_MAX, MATRIX_MIN,
+                        SEQUENCES, UsageError, noise_text,
+                        check_input as _check_input, check_output as _check_output,
+                        check_truth_matrix as _check_truth_matrix,
+                        check_truth_shape as _check_truth_shape, load_truth, nrmse_table, run_recon,
+                        simulate_to_files, simulation_plan)
+
 PROG = "lorein"
-SEQUENCES = ("qalas", "mrf")
-METHODS = ("lorein", "pmr", "lrr", "cg", "llr", "zerofill")     # = recon.METHODS (checked in tests)
-DEFAULT_ACCEL = {"qalas": 8.0, "mrf": 200.0}   # where the default method leads (RESULTS, accuracy)
-DEFAULT_SNR = 30.0       # realistic mode: white matter's SNR in the brightest contrast
-DEFAULT_NOISE = 0.01     # ideal mode: noise sd relative to the largest image magnitude
 DEFAULT_MATRIX = (64, 64, 48)
 # The demo's default size: the whole demo (simulation, LoREIN fit on CPU, figure) in a few minutes
 # on 2 cores (measured timings in README.md).
 DEMO_MATRIX = (48, 48, 32)
 DEMO_GROUP = "demo"
-MATRIX_MIN, MATRIX_MAX = 8, 512
 COILS_MAX = 128
-MAP_ORDER = ("T1", "T2", "PD", "B1")
 
 log = logging.getLogger("gadget_lorein.cli")
-
-
-class UsageError(Exception):
-    """A mistake in the command; exit status 2, one line on stderr."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,54 +95,6 @@ def _port(text):
     return v
 
 
-def _check_matrix(matrix) -> tuple[int, int, int]:
-    nx, ny, nz = matrix
-    for name, v in (("nx", nx), ("ny", ny), ("nz", nz)):
-        if not MATRIX_MIN <= v <= MATRIX_MAX:
-            raise UsageError(f"--matrix {nx} {ny} {nz}: {name} = {v} is outside {MATRIX_MIN}..{MATRIX_MAX}")
-    return int(nx), int(ny), int(nz)
-
-
-def _check_output(path, what: str = "output") -> Path:
-    """The output file's folder must exist and take a new file; the path must not be a folder."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{what} {path} is a folder; give a file name")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"cannot write {what} {path}: folder {folder} does not exist")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lorein-write-test-"):
-            pass
-    except OSError as err:
-        raise UsageError(f"cannot write {what} {path}: {err.strerror or err}") from None
-    return path
-
-
-def _check_input(path, what: str = "input", hdf5: bool = True) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"{what} {path} does not exist")
-    if not path.is_file():
-        raise UsageError(f"{what} {path} is not a file")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"{what} {path} is not readable")
-    if hdf5:
-        import h5py
-        if not h5py.is_hdf5(path):
-            raise UsageError(f"{what} {path} is not an HDF5 file (an ISMRMRD raw file is expected)")
-        try:
-            with h5py.File(path, "r") as f:
-                groups = sorted(f.keys())
-                ok = "dataset" in f and "xml" in f["dataset"]
-        except OSError as err:
-            raise UsageError(f"{what} {path} cannot be read: {err}") from None
-        if not ok:
-            raise UsageError(f"{what} {path} has no ISMRMRD raw data (/dataset/xml); groups: "
-                             f"{', '.join(groups) or 'none'}")
-    return path
-
-
 def _setup_logging(args) -> None:
     level = logging.WARNING if getattr(args, "quiet", False) else (
         logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
@@ -170,148 +117,6 @@ def _say(args, text: str) -> None:
 # simulate
 # --------------------------------------------------------------------------------------------
 
-def _load_protocol(sequence: str | None, protocol_path: str | None):
-    from .physics import protocol as protocol_mod
-    if protocol_path:
-        p = Path(protocol_path)
-        if not p.is_file():
-            raise UsageError(f"--protocol {protocol_path}: no such file (give a YAML file; shipped "
-                             f"protocols are chosen with --sequence {'|'.join(SEQUENCES)})")
-        try:
-            proto = protocol_mod.from_yaml(p.read_text())
-        except (protocol_mod.ProtocolError, UnicodeDecodeError) as err:
-            raise UsageError(f"--protocol {protocol_path}: {err}") from None
-        if sequence and proto.kind != sequence:
-            raise UsageError(f"--protocol {protocol_path} is a '{proto.kind}' protocol but "
-                             f"--sequence {sequence} was asked for")
-        return proto
-    return protocol_mod.load(sequence or "qalas")
-
-
-def simulation_plan(args):
-    """Check and complete the simulation options: (protocol, dict of simulate() arguments).
-    Realistic mode unless --ideal (simulate.simulate's modes)."""
-    from .sim import simulate
-    matrix = _check_matrix(args.matrix)
-    proto = _load_protocol(args.sequence, args.protocol)
-    accel = args.accel if args.accel is not None else DEFAULT_ACCEL.get(proto.kind, 16.0)
-    ideal = getattr(args, "ideal", False)
-    if not ideal and args.noise is not None:
-        raise UsageError("--noise (relative to the largest image) is the idealised mode's knob: "
-                         "add --ideal, or give the realistic mode an --snr")
-    if ideal and getattr(args, "snr", None) is not None:
-        raise UsageError("--snr is the realistic mode's knob: without --ideal, or --noise with it")
-    mode = "ideal" if ideal else "realistic"
-    _, ny, nz = matrix
-    calib = tuple(args.calib) if getattr(args, "calib", None) else None
-    try:
-        # the masks themselves (cheap): every budget and calibration check of the simulator
-        _, calib, calib_mode, pattern = simulate.scan_masks(
-            proto, ny, nz, accel, calib, args.calib_mode, args.pattern, args.seed, mode)
-    except ValueError as err:
-        raise UsageError(f"sampling: {err}") from None
-    if calib[0] * calib[1] == 0:
-        raise UsageError("--calib 0 0: the reconstruction needs a calibration region (coil maps)")
-    plan = dict(matrix=matrix, n_coils=args.coils, accel=accel, seed=args.seed, calib=calib,
-                calib_mode=calib_mode, mode=mode, pattern=pattern)
-    if ideal:
-        plan["noise"] = DEFAULT_NOISE if args.noise is None else args.noise
-    else:
-        plan["snr"] = DEFAULT_SNR if args.snr is None else args.snr
-    return proto, plan
-
-
-def noise_text(plan: dict) -> str:
-    """'noise 0.01 (ideal)' or 'SNR 30' for messages and titles."""
-    return f"noise {plan['noise']:g} (ideal)" if plan.get("mode") == "ideal" else f"SNR {plan['snr']:g}"
-
-
-def save_npz(path, arrays: dict) -> None:
-    """np.savez_compressed, but byte-for-byte reproducible (fixed zip time stamps)."""
-    import io
-    import zipfile
-
-    import numpy as np
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, value in arrays.items():
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.asanyarray(value), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, buf.getvalue())
-
-
-def truth_arrays(sim, proto) -> dict:
-    """What the truth .npz holds: T1, T2 [ms], PD, B1 (protocols that encode it), labels
-    (0 background, 1 WM, 2 GM, 3 CSF, 4 lesion), brain_mask, and fov_mm / protocol / matrix."""
-    import numpy as np
-    t = sim.truth()
-    out = {k: np.asarray(t[k], np.float32) for k in MAP_ORDER if k in t}
-    out["labels"] = np.asarray(t["labels"], np.uint8)
-    out["brain_mask"] = np.asarray(t["labels"] > 0)
-    if "pure" in t:         # realistic mode: voxels without partial volume
-        out["pure"] = np.asarray(t["pure"], bool)
-    out["fov_mm"] = np.asarray(sim.scan.fov_mm, np.float64)
-    out["protocol"] = np.asarray(proto.name)
-    nz, ny, nx = out["T1"].shape
-    out["matrix"] = np.asarray([nx, ny, nz], np.int64)
-    return out
-
-
-def load_truth(path) -> dict:
-    """A truth .npz as written by ``lorein simulate`` (also accepts lower-case t1/t2/pd/b1 keys;
-    ``pure`` only where the file has it: ideal-mode and older files do not)."""
-    import numpy as np
-    _check_input(path, "truth file", hdf5=False)
-    keys = {"t1": "T1", "t2": "T2", "pd": "PD", "b1": "B1"}
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            out = {keys.get(k, k): np.asarray(z[k]) for k in z.files}
-    except (OSError, ValueError) as err:
-        raise UsageError(f"truth file {path} is not a .npz written by 'lorein simulate': {err}") from None
-    missing = [k for k in ("T1", "T2", "PD", "labels") if k not in out]
-    if missing:
-        raise UsageError(f"truth file {path} has no {', '.join(missing)} "
-                         "(write it with 'lorein simulate --truth')")
-    return out
-
-
-def simulate_to_files(proto, plan: dict, raw_path, truth_path=None, png_path=None, oversampling=1,
-                      say=None):
-    """Simulate, write the raw file (replacing it), the truth .npz and the preview figure.
-    Returns (simulation, number of acquisitions written)."""
-    from .sim import sampling, simulate
-    from .physics import sequences
-    from .io import rawfile
-    say = say or (lambda text: None)
-    nx, ny, nz = plan["matrix"]
-    say(f"simulating {proto.name} ({proto.n_frames} frames), matrix {nx}x{ny}x{nz}, {plan['n_coils']} coils, "
-        f"R = {plan['accel']:g}, calibration {plan['calib'][0]}x{plan['calib'][1]} ({plan['calib_mode']}, "
-        f"pattern {plan.get('pattern') or 'per_frame'}), {noise_text(plan)}, seed {plan['seed']}")
-    t0 = time.perf_counter()
-    sim = simulate.simulate(proto, **plan)
-    scan = sim.scan
-    say(f"simulated {len(scan.lines.frame)} k-space lines in {time.perf_counter() - t0:.1f} s")
-    raw_path = Path(raw_path)
-    if raw_path.exists():
-        raw_path.unlink()
-    t0 = time.perf_counter()
-    calib_region = sampling.calib_region(ny, nz, plan["calib"])
-    n = rawfile.write_raw(raw_path, scan.lines, None, calib_region, scan.noise, proto.name, proto.yaml_text,
-                      scan.fov_mm, sequences.sequence_parameters(proto), oversampling=oversampling)
-    say(f"wrote {raw_path}: {n} acquisitions ({n - len(scan.lines.frame)} noise) in "
-        f"{time.perf_counter() - t0:.1f} s")
-    if truth_path:
-        save_npz(truth_path, truth_arrays(sim, proto))
-        say(f"wrote {truth_path}: ground-truth maps, labels and brain mask")
-    if png_path:
-        from . import plots
-        plots.simulation_figure(sim, proto, png_path, accel=plan["accel"])
-        say(f"wrote {png_path}")
-    return sim, n
-
-
 def cmd_simulate(args) -> int:
     raw = _check_output(args.output, "raw file")
     truth = _check_output(args.truth, "truth file") if args.truth else None
@@ -328,143 +133,13 @@ def cmd_simulate(args) -> int:
 # recon
 # --------------------------------------------------------------------------------------------
 
-def _add_settings_arguments(p: argparse.ArgumentParser, with_method=True) -> None:
-    """The reconstruction settings (recon.ReconSettings / the chain's properties); unset = default."""
-    g = p.add_argument_group("reconstruction settings (default: the gadget's, see gadget_lorein/node/gadget.py)")
-    if with_method:
-        g.add_argument("--method", choices=METHODS, help="reconstruction method (default: the gadget's, "
-                       "recon.ReconSettings.method)")
-    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    g.add_argument("--rank", type=_int_at_least(0), help="subspace rank; 0 = from --energy (default)")
-    g.add_argument("--energy", type=_float_range(0.0, 1.0, low_open=True),
-                   help="dictionary energy the subspace keeps when rank is 0 (default 0.999)")
-    g.add_argument("--iterations", type=_int_at_least(0), help="iterations; 0 = the method's default")
-    g.add_argument("--coil-maps", choices=("lowres", "espirit"), help="coil sensitivities (default lowres)")
-    g.add_argument("--virtual-coils", type=_int_at_least(0), help="coil compression; 0 = off (default)")
-    g.add_argument("--coil-batch", type=_int_at_least(0),
-                   help="coils per FFT batch in the fit; 0 = all (default; halved on GPU out-of-memory)")
-    g.add_argument("--coil-subset", type=_int_at_least(0),
-                   help="speed: coils drawn at random per fit step for the data terms; 0 = all (default)")
-    g.add_argument("--coil-refine", type=_int_at_least(0),
-                   help="network methods: refine the coil maps jointly, a smooth correction of this many "
-                        "central k-space coefficients per axis (default 8); 0 = off")
-    g.add_argument("--couple-weight", type=_float_range(0.0),
-                   help="lorein: weight of the coupling between its two blocks (default 0.1)")
-    g.add_argument("--holdout", type=_float_range(0.0, 0.5),
-                   help="network methods: fraction of the measured lines held out of the fit; its maps "
-                        "are those where the held-out lines were predicted best (default 0.05; 0 = off)")
-    g.add_argument("--grid-levels", type=_int_at_least(1), help="network methods: hash-grid levels (default 12)")
-    g.add_argument("--grid-features", type=_int_at_least(1), help="features per hash-grid level (default 2)")
-    g.add_argument("--grid-log2-table", type=_int_at_least(0),
-                   help="log2 of the hash-table entries per level (10-24); 0 = from the voxel count (default)")
-    g.add_argument("--grid-base", type=_int_at_least(1), help="coarsest hash-grid resolution (default 4)")
-    g.add_argument("--grid-finest", type=_int_at_least(0),
-                   help="finest hash-grid resolution; 0 = the largest matrix dimension (default)")
-    g.add_argument("--mlp-width", type=_int_at_least(1), help="hidden units per MLP layer (default 64)")
-    g.add_argument("--mlp-layers", type=_int_at_least(0), help="hidden MLP layers (default 2)")
-    g.add_argument("--lrr-finest", type=_int_at_least(0),
-                   help="lorein: the LRR network's finest hash-grid resolution; 0 = the PMR network's "
-                        "own (default)")
-    g.add_argument("--support-threshold", type=_float_range(0.0, 1.0),
-                   help="object support: low-resolution image above this fraction of its 99th "
-                        "percentile (default 0.08; below 1)")
-    g.add_argument("--amp", action="store_true", default=None,
-                   help="speed: the fit's network MLPs in bfloat16 (for GPUs)")
-    g.add_argument("--protocol", dest="recon_protocol", metavar="NAME_OR_YAML",
-                   help="override the protocol named in the data")
-    g.add_argument("--seed", type=int, help="seed of the network initialisation (default 0)")
-    g.add_argument("--output", dest="output_kind", choices=("maps", "maps+coefficients"),
-                   help="images to return (default maps)")
-    g.add_argument("--images-2d", action="store_true", default=None,
-                   help="one 2D image per partition instead of one 3D image per map")
-
-
-def settings_from_args(args) -> dict:
-    """The settings mapping for gadget.recon_file / gadget.serve: only what was given."""
-    names = dict(method="method", device="device", rank="rank", energy="energy", iterations="iterations",
-                 coil_maps="coil_maps", virtual_coils="virtual_coils", coil_batch="coil_batch",
-                 coil_subset="coil_subset", amp="amp", coil_refine="coil_refine", recon_protocol="protocol",
-                 seed="seed", output_kind="output", images_2d="images_2d", couple_weight="couple_weight",
-                 grid_levels="grid_levels", grid_features="grid_features",
-                 grid_log2_table="grid_log2_table", grid_base="grid_base", grid_finest="grid_finest",
-                 mlp_width="mlp_width", mlp_layers="mlp_layers", support_threshold="support_threshold",
-                 holdout="holdout", lrr_finest="lrr_finest")
-    out = {}
-    for attr, name in names.items():
-        v = getattr(args, attr, None)
-        if v is not None:
-            out[name] = v
-    if out.get("protocol"):
-        p = Path(out["protocol"])
-        if p.suffix in (".yaml", ".yml") and not p.is_file():
-            raise UsageError(f"--protocol {p}: no such file")
-    return out
-
-
-def _validate_settings(settings: dict) -> None:
-    from .node import gadget
+def _settings(args):
+    """The settings given on the command line, parsed by the one validator (settings.parse)."""
+    from . import settings as settings_mod
     try:
-        gadget.parse_settings(settings)
-    except ValueError as err:
+        return settings_mod.parse(settings_mod.from_args(args), unknown="error")
+    except settings_mod.SettingsError as err:
         raise UsageError(str(err)) from None
-
-
-def nrmse_table(maps: dict, truth: dict) -> str:
-    """NRMSE per map over the brain and the tissue (WM, GM, lesions), as a text table."""
-    from . import metrics
-    brain = metrics.map_errors(maps, truth, "brain")
-    tissue = metrics.map_errors(maps, truth, "tissue")
-    lines = ["NRMSE   brain    tissue (WM, GM, lesions)"]
-    for k in MAP_ORDER:
-        if k in brain:
-            lines.append(f"{k:<6}  {brain[k]:6.4f}   {tissue[k]:6.4f}")
-    lines.append("(PD after a least-squares scale; CSF's long T2 dominates the whole-brain T2 figure)")
-    return "\n".join(lines)
-
-
-def _check_truth_shape(maps: dict, truth: dict, path) -> None:
-    shape = next(iter(maps.values())).shape if maps else None
-    if shape is not None and truth["T1"].shape != shape:
-        raise UsageError(f"truth file {path} has volumes of shape {truth['T1'].shape} (nz, ny, nx) "
-                         f"but the maps have {shape}: not the truth of this scan")
-
-
-def _check_truth_matrix(raw, truth: dict, path) -> None:
-    """Before a long reconstruction: the truth must have the raw header's recon matrix."""
-    from .io import header, rawfile
-    xml, _ = rawfile.iter_raw(raw)
-    space = header.parse_header(xml).encoding[0].reconSpace.matrixSize
-    want = (int(space.z), int(space.y), int(space.x))
-    if tuple(truth["T1"].shape) != want:
-        raise UsageError(f"truth file {path} has volumes of shape {tuple(truth['T1'].shape)} (nz, ny, nx) "
-                         f"but {raw} has a {want[2]}x{want[1]}x{want[0]} matrix: not the truth of this scan")
-
-
-def _replace_group(path: Path, group: str) -> None:
-    """Remove ``group`` from an existing output file (the images would otherwise be appended)."""
-    if not path.exists():
-        return
-    import h5py
-    if not h5py.is_hdf5(path):
-        raise UsageError(f"output {path} exists and is not an HDF5 file; remove it or choose another name")
-    with h5py.File(path, "a") as f:
-        if group in f:
-            del f[group]
-
-
-def run_recon(raw, out, settings: dict, group: str | None, say=None):
-    """gadget.recon_file (the gadget's own code path) -> (maps dict, images, seconds)."""
-    from .io import map_images
-    from .node import gadget
-    say = say or (lambda text: None)
-    if group:
-        _replace_group(Path(out), group)
-    t0 = time.perf_counter()
-    images = gadget.recon_file(str(raw), str(out), settings, group=group)
-    seconds = time.perf_counter() - t0
-    maps = map_images.images_to_maps([im for im in images if int(im.image_series_index) < 100])
-    say(f"reconstructed {', '.join(k for k in MAP_ORDER if k in maps)} in {seconds:.1f} s -> {out}")
-    return maps, images, seconds
 
 
 def cmd_recon(args) -> int:
@@ -474,18 +149,17 @@ def cmd_recon(args) -> int:
     truth = load_truth(args.truth) if args.truth else None
     if out.resolve() == raw.resolve():
         raise UsageError("the output file must not be the raw file")
-    settings = settings_from_args(args)
-    _validate_settings(settings)
+    settings = _settings(args)
     if truth is not None:
         _check_truth_matrix(raw, truth, args.truth)
-    _say(args, f"reconstructing {raw} ({settings.get('method', 'lorein')})")
+    _say(args, f"reconstructing {raw} ({settings.recon.method})")
     maps, images, seconds = run_recon(raw, out, settings, args.group, say=lambda t: _say(args, t))
     if truth is not None:
         _check_truth_shape(maps, truth, args.truth)
         print(nrmse_table(maps, truth))
     if png:
         from . import plots
-        method = settings.get("method", "lorein")
+        method = settings.recon.method
         plots.maps_figure(maps, png, truth=truth, title=f"{method} reconstruction of {raw.name}")
         _say(args, f"wrote {png}")
     print(f"{out}: {len(images)} images ({', '.join(k for k in MAP_ORDER if k in maps)}), "
@@ -529,12 +203,12 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def cmd_serve(args) -> int:
-    from .node import gadget
-    settings = settings_from_args(args)
-    _validate_settings(settings)
+    from .node import server
+    from .settings import from_args
+    _settings(args)
     _check_port_free(args.host, args.port)
     try:
-        gadget.serve(args.port, settings or None, once=not args.forever, host=args.host)
+        server.serve(args.port, from_args(args) or None, once=not args.forever, host=args.host)
     except OSError as err:
         if getattr(err, "errno", None) in (98, 99, 13):   # in use, cannot assign, permission
             raise UsageError(f"cannot listen on port {args.port}: {err.strerror or err}") from None
@@ -557,13 +231,8 @@ def cmd_demo(args) -> int:
     _check_output(out / "raw.h5", "demo file")
     args.calib = None
     proto, plan = simulation_plan(args)
-    settings = {"method": args.method}
-    for name in ("iterations", "device", "rank"):
-        if getattr(args, name) is not None:
-            settings[name] = getattr(args, name)
-    if args.coil_maps:
-        settings["coil_maps"] = args.coil_maps
-    _validate_settings(settings)
+    settings = _settings(args)
+    method = settings.recon.method
     raw, truth_path = out / "raw.h5", out / "truth.npz"
     maps_path, png = out / "maps.h5", out / "maps.png"
     t_all = time.perf_counter()
@@ -572,7 +241,7 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     sim, _ = simulate_to_files(proto, plan, raw, truth_path, out / "simulation.png", say=say)
     t_sim = time.perf_counter() - t0
-    say(f"demo 2/3: reconstruct through the gadget (method {args.method}) -> {maps_path}")
+    say(f"demo 2/3: reconstruct through the gadget (method {method}) -> {maps_path}")
     if maps_path.exists():
         maps_path.unlink()
     maps, images, t_rec = run_recon(raw, maps_path, settings, DEMO_GROUP, say=say)
@@ -582,7 +251,7 @@ def cmd_demo(args) -> int:
     from . import plots
     nx, ny, nz = plan["matrix"]
     plots.maps_figure(maps, png, truth=truth,
-                      title=f"{args.method} | {proto.name}, {nx}x{ny}x{nz}, {plan['n_coils']} coils, "
+                      title=f"{method} | {proto.name}, {nx}x{ny}x{nz}, {plan['n_coils']} coils, "
                             f"R = {plan['accel']:g}, {noise_text(plan)}")
     total = time.perf_counter() - t_all
     print(nrmse_table(maps, truth))
@@ -640,6 +309,12 @@ def _add_simulation_arguments(p, matrix_default, accel_help) -> None:
                         "coil maps)")
 
 
+def _add_setting_options(p, scopes=("recon", "node"), exclude=()) -> None:
+    from . import settings as settings_mod
+    g = p.add_argument_group("settings (the chain's; every one in docs/settings.md)")
+    settings_mod.add_arguments(g, scopes, exclude)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="gadget_lorein: LoREIN multi-parametric quantitative MRI "
                      "as a Gadgetron node (simulation, reconstruction, Gadgetron client and server).")
@@ -669,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "an existing group of that name is replaced)")
     p.add_argument("--truth", metavar="TRUTH.npz", help="ground truth: print the NRMSE table")
     p.add_argument("--png", metavar="MAPS.png", help="figure of the maps (with truth and error if --truth)")
-    _add_settings_arguments(p)
+    _add_setting_options(p)
     p.set_defaults(func=cmd_recon)
 
     from_replay = None
@@ -694,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="", help="address to listen on (default: all)")
     p.add_argument("--forever", action="store_true", help="serve connections until interrupted "
                    "(default: one connection, then exit)")
-    _add_settings_arguments(p)
+    _add_setting_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", parents=[_common()], help="simulate, reconstruct through the gadget, compare",
@@ -702,11 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "through the gadget's code, write maps and a figure, print the errors.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     _add_simulation_arguments(p, DEMO_MATRIX, accel_help)
-    p.add_argument("--method", choices=METHODS, default="lorein", help="reconstruction method (default lorein)")
-    p.add_argument("--iterations", type=_int_at_least(0), help="iterations; 0 = the method's default")
-    p.add_argument("--rank", type=_int_at_least(0), help="subspace rank; 0 = automatic")
-    p.add_argument("--device", help="auto (default), cpu, cuda")
-    p.add_argument("--coil-maps", choices=("lowres", "espirit"), help="coil sensitivities (default lowres)")
+    _add_setting_options(p, scopes=("recon",), exclude=("protocol", "seed"))
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -716,7 +387,7 @@ def _user_error_types() -> tuple:
     types = [UsageError]
     mods = {"gadget_lorein.io.header": "MRDError", "gadget_lorein.recon.pipeline": "ReconError",
             "gadget_lorein.physics.protocol": "ProtocolError", "gadget_lorein.recon.calibration": "CalibrationError",
-            "gadget_lorein.node.gadget": "SettingsError", "gadget_lorein.node.replay": "ReplayError"}
+            "gadget_lorein.settings": "SettingsError", "gadget_lorein.node.replay": "ReplayError"}
     for mod, name in mods.items():
         m = sys.modules.get(mod)
         if m is not None and hasattr(m, name):

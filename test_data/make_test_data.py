@@ -4,7 +4,7 @@
     python test_data/make_test_data.py --out DIR  # write them elsewhere (SHA256SUMS not touched)
     python test_data/make_test_data.py --check    # regenerate into a temporary folder, compare
 
-Files (the same code path as ``lorein simulate``: ``gadget_lorein.cli.simulate_to_files``):
+Files (the same code path as ``lorein simulate``: ``gadget_lorein.sim.files.simulate_to_files``):
 
 - ``qalas_small.h5`` + ``qalas_small_truth.npz``: shipped qalas protocol, matrix 24 x 24 x 16,
   6 coils, R = 8 (a calibration block shared among the frames, chosen automatically), noise 0.005, seed 0; the same as
@@ -17,7 +17,7 @@ Files (the same code path as ``lorein simulate``: ``gadget_lorein.cli.simulate_t
 The raw files follow docs/data-format.md; the truth files hold T1, T2 [ms], PD, B1 (mrf), labels,
 brain_mask, fov_mm, protocol, matrix. Reproducible: HDF5 objects carry no time stamps (h5py does
 not record them by default) and the .npz is written with fixed zip time stamps
-(``gadget_lorein.cli.save_npz``). The numbers come from numpy's seeded generators and torch on CPU.
+(``gadget_lorein.sim.files.save_npz``). The numbers come from numpy's seeded generators and torch on CPU.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def plan_of(name: str, proto) -> dict:
 
 def generate(out: Path) -> dict:
     """Write every file into ``out``; return {file name: sha256}."""
-    from gadget_lorein.cli import simulate_to_files
+    from gadget_lorein.sim.files import simulate_to_files
     out.mkdir(parents=True, exist_ok=True)
     for name in CASES:
         proto = protocol_of(name)

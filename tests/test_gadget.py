@@ -28,7 +28,7 @@ import pytest
 
 from conftest import (REPO, stop_process, unknown_protocol, chain_copy, check_accuracy, check_images, converse, expected_geometry,
                       gadget_env, header_bytes_without_attr_len, meta, play, raw_items, read_chain, serve_command, wait_listening)
-from gadget_lorein.node import gadget
+from gadget_lorein.node import gadget, server
 from gadget_lorein.recon import pipeline as recon
 from gadget_lorein.io import header, map_images, rawfile
 
@@ -173,7 +173,7 @@ def test_chain_options(qalas_small, tmp_path):
 def _serve_cmd(port):
     if (REPO / "gadget_lorein" / "cli.py").exists():
         return serve_command(port)
-    return [sys.executable, "-c", f"from gadget_lorein.node.gadget import serve; serve({port})"]
+    return [sys.executable, "-c", f"from gadget_lorein.node.server import serve; serve({port})"]
 
 
 def _free_port():
@@ -215,7 +215,7 @@ def test_serve_settings_override_chain(qalas_small, tmp_path):
 
     def run():
         try:
-            gadget.serve(port, {"method": "cg", "iterations": "3", "coil_maps": "lowres"})
+            server.serve(port, {"method": "cg", "iterations": "3", "coil_maps": "lowres"})
             outcome["ok"] = True
         except BaseException as err:    # reported below
             outcome["error"] = err
@@ -239,7 +239,7 @@ def test_serve_peer_vanishes_before_config():
 
     def run():
         try:
-            gadget.serve(port)
+            server.serve(port)
         except BaseException as err:
             outcome["error"] = err
     thread = threading.Thread(target=run, daemon=True)
@@ -350,41 +350,3 @@ def test_peer_vanishes_mid_stream(qalas_small, tmp_path):
     assert "ConnectionError: Gadgetron closed the connection without a CLOSE message" in result.log
 
 
-def test_speed_switch_settings_are_parsed_and_checked():
-    rs, _ = gadget.parse_settings({"coil_subset": "8", "amp": "yes"})
-    assert rs.coil_subset == 8 and rs.amp is True
-    assert gadget.parse_settings({})[0].amp is False
-    with pytest.raises(gadget.SettingsError, match="coil_subset=-1 must be >= 0"):
-        gadget.parse_settings({"coil_subset": "-1"})
-
-
-def test_network_settings_are_parsed_and_checked():
-    rs, _ = gadget.parse_settings({"couple_weight": "0.3", "grid_levels": "8", "grid_features": "4",
-                                   "grid_log2_table": "14", "grid_base": "2", "grid_finest": "32",
-                                   "mlp_width": "32", "mlp_layers": "1"})
-    assert (rs.couple_weight, rs.grid_levels, rs.grid_features, rs.grid_log2_table, rs.grid_base,
-            rs.grid_finest, rs.mlp_width, rs.mlp_layers) == (0.3, 8, 4, 14, 2, 32, 32, 1)
-    assert gadget.parse_settings({"holdout": "0.05"})[0].holdout == 0.05
-    assert gadget.parse_settings({"lrr_finest": "16"})[0].lrr_finest == 16
-    for bad, why in ((("couple_weight", "-1"), "couple_weight=-1.0 must be a finite number >= 0"),
-                     (("couple_weight", "nan"), "couple_weight=nan must be a finite number"),
-                     (("grid_levels", "0"), "grid_levels=0 must be in 1..32"),
-                     (("grid_log2_table", "5"), r"grid_log2_table=5 must be 0 \(automatic\) or in 10..24"),
-                     (("grid_finest", "2"), r"grid_finest=2 must be 0 \(the matrix size\) or >= grid_base \(4\)"),
-                     (("mlp_layers", "-1"), "mlp_layers=-1 must be in 0..16"),
-                     (("lrr_finest", "2"), r"lrr_finest=2 must be 0 \(PMR's own\) or >= grid_base \(4\)"),
-                     (("holdout", "0.6"), "holdout=0.6 must be 0 .off. or a fraction of the lines below 0.5")):
-        with pytest.raises(gadget.SettingsError, match=why):
-            gadget.parse_settings(dict([bad]))
-    with pytest.raises(recon.ReconError, match="grid_levels='x' is not a valid int"):
-        gadget.parse_settings({"grid_levels": "x"})
-
-
-@pytest.mark.parametrize("chain", [LOREIN_XML, CONNECT_XML], ids=lambda p: p.name)
-def test_chain_properties_are_the_defaults(chain):
-    """The shipped chains list the reconstruction settings with the values the code defaults to."""
-    props = read_chain(chain).properties
-    default = recon.ReconSettings()
-    listed = {k: v for k, v in props.items() if k in gadget.RECON_SETTING_NAMES}
-    assert set(listed) >= set(gadget.RECON_SETTING_NAMES) - {"seed"}, sorted(listed)
-    assert recon.ReconSettings.from_mapping(listed) == default

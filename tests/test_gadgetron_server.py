@@ -18,6 +18,7 @@ import pytest
 
 import ismrmrd
 from gadget_lorein.node import replay as rp
+from gadget_lorein.settings import SETTINGS, text_value
 from gadgetron_server import REPO, GadgetronServer, free_port, listening, require_gadgetron
 
 HEADER = """<?xml version="1.0" encoding="UTF-8"?>
@@ -69,14 +70,8 @@ def fail_reported(connection):
         raise
 '''
 
-LOREIN_DEFAULTS = {"method": "lorein", "device": "auto", "rank": "0", "energy": "0.999", "iterations": "0",
-                   "coil_maps": "lowres", "virtual_coils": "0", "coil_batch": "0", "coil_subset": "0",
-                   "amp": "false", "coil_refine": "8", "couple_weight": "0.1", "grid_levels": "12",
-                   "grid_features": "2", "grid_log2_table": "0", "grid_base": "4", "grid_finest": "0",
-                   "mlp_width": "64", "mlp_layers": "2", "lrr_finest": "0",
-                   "support_threshold": "0.08", "holdout": "0.05",
-                   "output": "maps", "images_2d": "false",
-                   "protocol": "", "log_level": "INFO"}
+# every setting with its default, as the shipped chains list them (settings.py)
+LOREIN_DEFAULTS = {s.name: text_value(s.default) for s in SETTINGS}
 
 
 def write_raw(path, nx=32, ny=16, nc=2, waveforms=0):

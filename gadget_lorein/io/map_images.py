@@ -134,6 +134,42 @@ def maps_to_images(maps: dict, geometry: Geometry, units: dict | None = None, as
     return images
 
 
+COEFFICIENT_SERIES_BASE = 100          # coefficient k (1-based) goes to series 100 + k
+
+
+def coefficient_images(coeffs: np.ndarray, geometry: Geometry, as_2d: bool = False,
+                       method: str = "LoREIN", source: str = "model") -> list[ismrmrd.Image]:
+    """Subspace coefficient images (K, nz, ny, nx) -> complex float32 ISMRMRD images, series 101,
+    102, ... (3D, or one per partition with ``as_2d``, placed as :func:`maps_to_images` does);
+    meta LOREIN_Map coef1, coef2, ... and LOREIN_CoefficientSource ``source``."""
+    coeffs = np.asarray(coeffs, np.complex64)
+    nz = geometry.shape[0]
+    dz = geometry.fov_mm[2] / nz
+    pos0, sdir = np.asarray(geometry.position, float), np.asarray(geometry.slice_dir, float)
+    images = []
+    for k in range(coeffs.shape[0]):
+        series = COEFFICIENT_SERIES_BASE + k + 1
+        if as_2d:
+            parts = [(z, coeffs[k, z:z + 1], pos0 + (z - nz // 2) * dz * sdir,
+                      (geometry.fov_mm[0], geometry.fov_mm[1], dz)) for z in range(nz)]
+        else:
+            parts = [(0, coeffs[k], pos0, geometry.fov_mm)]
+        for z, data, pos, fov in parts:
+            img = ismrmrd.Image.from_array(np.ascontiguousarray(data), transpose=False)
+            _set_geometry(img, geometry, pos, fov, z, z + 1, series)
+            img.image_type = ismrmrd.IMTYPE_COMPLEX
+            meta = ismrmrd.Meta()
+            meta.update({META_DATA_ROLE: "LOREIN_COEFFICIENT", META_IMAGE_COMMENT: f"coef{k + 1}",
+                         META_SEQ_DESCRIPTION: f"LOREIN_coef{k + 1}",
+                         META_PROCESSING_HISTORY: ["LOREIN", f"coef{k + 1}"],
+                         META_IMAGE_NUMBER: str(z + 1), META_MAP: f"coef{k + 1}",
+                         META_UNIT: "a.u.", META_METHOD: method,
+                         "LOREIN_CoefficientSource": source})
+            img.meta = meta
+            images.append(img)
+    return images
+
+
 def _meta_str(meta, key):
     v = meta.get(key)
     if isinstance(v, list):

@@ -16,67 +16,15 @@ from ..data import KSpaceLines, Scan
 from ..fft import ifftnc
 from .operators import HeldOutLines, SubspaceOperator
 from ..physics.subspace import SubspaceModel, build_subspace
+from ..settings import FIT_NAMES as FIT_SETTINGS, METHODS, NETWORK_METHODS, ReconSettings  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lorein", "pmr", "lrr", "cg", "llr", "zerofill")
-NETWORK_METHODS = ("lorein", "pmr", "lrr")
+MAP_NAMES = ("T1", "T2", "PD", "B1")     # the keys of ReconResult.maps (B1 where it is encoded)
 
 
 class ReconError(ValueError):
     """Input the reconstruction cannot use; the message says what is wrong."""
-
-
-@dataclass
-class ReconSettings:
-    """Every setting of the reconstruction, with its default (the gadget's chain properties and
-    the CLI options use the same names)."""
-    method: str = "lorein"        # one of METHODS
-    device: str = "auto"          # auto (cuda if available), cpu, cuda, cuda:1, ...
-    rank: int = 0                 # subspace rank K; 0 = smallest K reaching `energy`
-    energy: float = 0.999         # captured dictionary energy when rank = 0
-    iterations: int = 0           # iterations of the method; 0 = the method's default
-    coil_maps: str = "lowres"     # lowres | espirit
-    virtual_coils: int = 0        # coil compression to this many virtual coils; 0 = off
-    coil_batch: int = 0           # coils per FFT batch in the operator; 0 = all (halved on GPU OOM)
-    coil_subset: int = 0          # speed: coils per fit step for the data terms (random); 0 = all
-    amp: bool = False             # speed: the fit's network MLPs in bfloat16 (GPU)
-    coil_refine: int = 8          # network methods: coil maps refined jointly (low-frequency width); 0 = off
-    couple_weight: float = 0.1    # lorein: weight of the PMR-LRR coupling term (lorein.py)
-    grid_levels: int = 12         # network methods: hash-grid resolution levels
-    grid_features: int = 2        # network methods: features per level
-    grid_log2_table: int = 0      # network methods: log2 table entries per level; 0 = from the voxels
-    grid_base: int = 4            # network methods: coarsest grid resolution
-    grid_finest: int = 0          # network methods: finest grid resolution; 0 = the matrix size
-    mlp_width: int = 64           # network methods: hidden units per MLP layer
-    mlp_layers: int = 2           # network methods: hidden MLP layers
-    lrr_finest: int = 0           # lorein: LRR network's finest grid resolution; 0 = PMR's
-    protocol: str = ""            # override the protocol named in the data (name or YAML path)
-    seed: int = 0                 # network initialisation and stochastic choices
-    holdout: float = 0.05         # network methods: fraction of the lines held out to choose when to stop
-    support_threshold: float = 0.08   # object support: low-res image above this x its 99th pct
-
-    @classmethod
-    def from_mapping(cls, values: dict) -> "ReconSettings":
-        known = {f: type(getattr(cls(), f)) for f in cls.__dataclass_fields__}
-        out = {}
-        for key, val in values.items():
-            if key not in known:
-                continue
-            typ = known[key]
-            try:
-                if typ is bool:
-                    out[key] = str(val).lower() in ("1", "true", "yes", "on")
-                else:
-                    if val in ("", None) and typ is not str:
-                        continue          # empty means the default
-                    out[key] = typ(val)
-            except ValueError:
-                raise ReconError(f"setting {key}={val!r} is not a valid {typ.__name__}") from None
-        s = cls(**out)
-        if s.method not in METHODS:
-            raise ReconError(f"unknown method '{s.method}': choose one of {', '.join(METHODS)}")
-        return s
 
 
 @dataclass
@@ -85,6 +33,7 @@ class ReconResult:
     support: np.ndarray            # (nz, ny, nx) bool
     timings: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    subspace: SubspaceModel | None = None   # the temporal subspace the maps were fitted in (CPU)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,15 +45,21 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def scan_protocol(scan: Scan, override: str = "") -> protocol_mod.Protocol:
+def choose_protocol(override: str = "", yaml_text: str = "", name: str = "") -> protocol_mod.Protocol:
+    """The protocol of a scan: the ``protocol`` setting if given, else the YAML the data carries,
+    else the shipped protocol the data names."""
     try:
         if override:
             return protocol_mod.load(override)
-        if scan.protocol_yaml:
-            return protocol_mod.from_yaml(scan.protocol_yaml)
-        return protocol_mod.load(scan.protocol_name)
+        if yaml_text:
+            return protocol_mod.from_yaml(yaml_text)
+        return protocol_mod.load(name)
     except protocol_mod.ProtocolError as err:
         raise ReconError(str(err)) from None
+
+
+def scan_protocol(scan: Scan, override: str = "") -> protocol_mod.Protocol:
+    return choose_protocol(override, scan.protocol_yaml, scan.protocol_name)
 
 
 def normalise_pd(pd: np.ndarray, support: np.ndarray) -> np.ndarray:
@@ -131,12 +86,14 @@ class Stage:
         return _Ctx()
 
 
-def prepare(scan: Scan, settings: ReconSettings, timings: dict | None = None):
-    """Shared front end: returns (protocol, subspace, operator, support, info)."""
+def prepare(scan: Scan, settings: ReconSettings, timings: dict | None = None,
+            protocol: protocol_mod.Protocol | None = None, device: torch.device | None = None):
+    """Shared front end: returns (protocol, subspace, operator, support, info). ``protocol`` and
+    ``device``: as resolved by the caller (default: from the settings and the scan)."""
     timings = {} if timings is None else timings
     stage = Stage(timings)
-    dev = resolve_device(settings.device)
-    proto = scan_protocol(scan, settings.protocol)
+    dev = device if device is not None else resolve_device(settings.device)
+    proto = protocol if protocol is not None else scan_protocol(scan, settings.protocol)
     lines = scan.lines
     if proto.n_frames != lines.n_frames:
         raise ReconError(f"protocol '{proto.name}' has {proto.n_frames} frames but the data has "
@@ -207,21 +164,26 @@ def match_maps(sub: SubspaceModel, x: torch.Tensor, support: torch.Tensor, encod
     return out
 
 
-def reconstruct(scan: Scan, settings: ReconSettings | None = None, progress=None) -> ReconResult:
-    """Maps from one scan. When the GPU runs out of memory the reconstruction degrades instead of
-    failing, with a warning in the log at each step: it is repeated with half as many coils per
-    FFT batch (the operator's coil-sized tensors shrink in proportion) down to one coil at a time,
-    and only then on the CPU."""
+def reconstruct(scan: Scan, settings: ReconSettings | None = None, progress=None,
+                protocol: protocol_mod.Protocol | None = None,
+                device: torch.device | None = None) -> ReconResult:
+    """Maps from one scan. ``protocol`` and ``device``: as the caller resolved them (the gadget, at
+    the header); default: resolved here, once, from the settings and the scan. When the GPU runs
+    out of memory the reconstruction degrades instead of failing, with a warning in the log at each
+    step: it is repeated with half as many coils per FFT batch (the operator's coil-sized tensors
+    shrink in proportion) down to one coil at a time, and only then on the CPU."""
     settings = settings or ReconSettings()
+    protocol = protocol if protocol is not None else scan_protocol(scan, settings.protocol)
+    device = device if device is not None else resolve_device(settings.device)
     steps = []
     while True:
         try:
-            result = _reconstruct(scan, settings, progress)
+            result = _reconstruct(scan, settings, progress, protocol=protocol, device=device)
             if steps:
                 result.info["fallback"] = "; ".join(steps)
             return result
         except torch.cuda.OutOfMemoryError as err:
-            if resolve_device(settings.device).type != "cuda":
+            if device.type != "cuda":
                 raise
             why = str(err).splitlines()[0]
             torch.cuda.empty_cache()
@@ -236,14 +198,16 @@ def reconstruct(scan: Scan, settings: ReconSettings | None = None, progress=None
             log.warning("recon: out of GPU memory (%s) even one coil at a time; falling back to "
                         "the CPU, which is much slower", why)
             settings = replace(settings, device="cpu", coil_batch=0)
+            device = torch.device("cpu")
             steps.append("cpu after CUDA out of memory")
 
 
-def _reconstruct(scan: Scan, settings: ReconSettings, progress=None) -> ReconResult:
+def _reconstruct(scan: Scan, settings: ReconSettings, progress=None, protocol=None,
+                 device=None) -> ReconResult:
     timings: dict = {}
     stage = Stage(timings)
     torch.manual_seed(settings.seed)
-    proto, sub, op, support, info = prepare(scan, settings, timings)
+    proto, sub, op, support, info = prepare(scan, settings, timings, protocol, device)
     with stage("fit"):
         if settings.method in NETWORK_METHODS:
             from .lorein import fit as lorein
@@ -263,13 +227,20 @@ def _reconstruct(scan: Scan, settings: ReconSettings, progress=None) -> ReconRes
             maps = match_maps(sub, x, support, proto.encodes_b1)
     out, sup = finish_maps(maps, support)
     info["method"] = settings.method
-    return ReconResult(out, sup, timings, info)
+    return ReconResult(out, sup, timings, info, subspace=sub.to("cpu"))
 
 
-# the ReconSettings that are lorein.FitConfig fields of the same name (same defaults: a test checks)
-FIT_SETTINGS = ("coil_subset", "amp", "coil_refine", "couple_weight", "grid_levels", "grid_features",
-                "grid_log2_table", "grid_base", "grid_finest", "mlp_width", "mlp_layers",
-                "lrr_finest")
+def model_coefficients(result: ReconResult) -> np.ndarray:
+    """The signal model's subspace coefficients at the fitted maps, PD x U^H s(T1, T2, B1):
+    (K, nz, ny, nx) complex64, zero outside the support."""
+    sup = np.asarray(result.support, bool)
+    m = {k: torch.from_numpy(np.asarray(v, np.float32)[sup]) for k, v in result.maps.items()}
+    with torch.no_grad():
+        c = (m["PD"][:, None] * result.subspace.coefficients(
+            m["T1"].clamp_min(1e-3), m["T2"].clamp_min(1e-3), m.get("B1"))).numpy()
+    coeffs = np.zeros((c.shape[1],) + sup.shape, np.complex64)
+    coeffs[:, sup] = c.T
+    return coeffs
 
 
 def fit_config(settings: ReconSettings):

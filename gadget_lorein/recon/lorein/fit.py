@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ...physics.subspace import SubspaceModel
+from ...settings import fit_fields
 from .. import baselines
 from ..operators import SubspaceOperator
 from .model import (
@@ -36,13 +36,15 @@ from .model import (
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@fit_fields
 class FitConfig:
+    """The fit's knobs. The user-facing ones (couple_weight, coil_subset, amp, coil_refine, the
+    grid_* and mlp_* of the networks, lrr_finest) are the fit settings of gadget_lorein/settings.py,
+    added as fields with the same defaults by ``fit_fields``; the internal ones are below."""
     iterations: int = 0              # 0: default_iterations(frames); the count is the fit's regulariser
     lr: float = 2e-2
     adam_eps: float = 1e-8           # torch's Adam defaults; Instant-NGP's 1e-15 / 0.99 were
     adam_beta2: float = 0.999        # tried and not kept (module docstring, Optimiser)
-    couple_weight: float = 0.1       # module docstring, Objective (the sweep: RESULTS.md)
     init_cg_iterations: int = 20
     init: str = "cg"          # linear estimate the maps start from: zerofill | cg | llr
     init_llr_iterations: int = 40    # init "llr": FISTA steps of the locally low-rank start
@@ -64,22 +66,9 @@ class FitConfig:
     b1_grid: int = 6                 # B1 from a coarse control grid of this many points per axis; 0 = network
     b1_smooth: float = 4.0           # separate sigma for the initial B1 map (a smooth field); 0 = init_smooth
     lrr_init: str = "maps"            # LRR start: cg (linear estimate) | maps (the PMR start's coefficients)
-    coil_subset: int = 0             # speed: coils drawn at random per step for the data terms; 0 = all
-    amp: bool = False                # speed: the networks' MLPs in bfloat16 (autocast); meant for GPUs
-    coil_refine: int = 8             # refine the coil maps jointly: low-frequency block width; 0 = off
     coil_lr: float = 2e-3            # Adam step of the coil-map correction
     coil_from_lrr: bool = False      # lorein: the LRR data term fits the coil correction too (module
     #                                  docstring, Coil maps: off, PMR's data term alone fits it)
-    # the coordinate networks (both blocks): hash grid and MLP head; 0 = chosen from the volume
-    grid_levels: int = 12            # resolution levels of the hash grid
-    grid_features: int = 2           # features per level
-    grid_log2_table: int = 0         # log2 of the table entries per level; 0 = from the voxel count
-    grid_base: int = 4               # coarsest grid resolution (cells per axis)
-    grid_finest: int = 0             # finest grid resolution; 0 = finest_fraction x the matrix
-    mlp_width: int = 64              # hidden units per MLP layer
-    mlp_layers: int = 2              # hidden MLP layers (0: a linear head on the encoding)
-    lrr_finest: int = 0              # lorein: the LRR network's finest grid resolution; 0 = PMR's
-    #                                  own (module docstring, LRR grid)
 
 
 def _smooth_init(init: dict, support: torch.Tensor, sigmas: dict) -> dict:

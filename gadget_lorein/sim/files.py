@@ -1,0 +1,268 @@
+"""The files of the ``lorein`` commands, as a library: the simulation plan and the files it
+writes (raw data, truth .npz, preview), the truth's checks and the NRMSE table, and the maps of a
+raw file through the gadget's code (``run_recon``). test_data/make_test_data.py and the CLI use it."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+SEQUENCES = ("qalas", "mrf")
+DEFAULT_ACCEL = {"qalas": 8.0, "mrf": 200.0}   # where the default method leads (RESULTS, accuracy)
+DEFAULT_SNR = 30.0       # realistic mode: white matter's SNR in the brightest contrast
+DEFAULT_NOISE = 0.01     # ideal mode: noise sd relative to the largest image magnitude
+MATRIX_MIN, MATRIX_MAX = 8, 512
+MAP_ORDER = ("T1", "T2", "PD", "B1")
+
+
+class UsageError(Exception):
+    """A mistake in the command or its files; the CLI exits with status 2 and this one line."""
+
+
+def check_matrix(matrix) -> tuple[int, int, int]:
+    nx, ny, nz = matrix
+    for name, v in (("nx", nx), ("ny", ny), ("nz", nz)):
+        if not MATRIX_MIN <= v <= MATRIX_MAX:
+            raise UsageError(f"--matrix {nx} {ny} {nz}: {name} = {v} is outside {MATRIX_MIN}..{MATRIX_MAX}")
+    return int(nx), int(ny), int(nz)
+
+
+def check_output(path, what: str = "output") -> Path:
+    """The output file's folder must exist and take a new file; the path must not be a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; give a file name")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {what} {path}: folder {folder} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lorein-write-test-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write {what} {path}: {err.strerror or err}") from None
+    return path
+
+
+def check_input(path, what: str = "input", hdf5: bool = True) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise UsageError(f"{what} {path} is not a file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{what} {path} is not readable")
+    if hdf5:
+        import h5py
+        if not h5py.is_hdf5(path):
+            raise UsageError(f"{what} {path} is not an HDF5 file (an ISMRMRD raw file is expected)")
+        try:
+            with h5py.File(path, "r") as f:
+                groups = sorted(f.keys())
+                ok = "dataset" in f and "xml" in f["dataset"]
+        except OSError as err:
+            raise UsageError(f"{what} {path} cannot be read: {err}") from None
+        if not ok:
+            raise UsageError(f"{what} {path} has no ISMRMRD raw data (/dataset/xml); groups: "
+                             f"{', '.join(groups) or 'none'}")
+    return path
+
+
+def load_protocol(sequence: str | None, protocol_path: str | None):
+    from ..physics import protocol as protocol_mod
+    if protocol_path:
+        p = Path(protocol_path)
+        if not p.is_file():
+            raise UsageError(f"--protocol {protocol_path}: no such file (give a YAML file; shipped "
+                             f"protocols are chosen with --sequence {'|'.join(SEQUENCES)})")
+        try:
+            proto = protocol_mod.from_yaml(p.read_text())
+        except (protocol_mod.ProtocolError, UnicodeDecodeError) as err:
+            raise UsageError(f"--protocol {protocol_path}: {err}") from None
+        if sequence and proto.kind != sequence:
+            raise UsageError(f"--protocol {protocol_path} is a '{proto.kind}' protocol but "
+                             f"--sequence {sequence} was asked for")
+        return proto
+    return protocol_mod.load(sequence or "qalas")
+
+
+def simulation_plan(args):
+    """Check and complete the simulation options: (protocol, dict of simulate() arguments).
+    Realistic mode unless --ideal (simulate.simulate's modes)."""
+    from . import simulate
+    matrix = check_matrix(args.matrix)
+    proto = load_protocol(args.sequence, args.protocol)
+    accel = args.accel if args.accel is not None else DEFAULT_ACCEL.get(proto.kind, 16.0)
+    ideal = getattr(args, "ideal", False)
+    if not ideal and args.noise is not None:
+        raise UsageError("--noise (relative to the largest image) is the idealised mode's knob: "
+                         "add --ideal, or give the realistic mode an --snr")
+    if ideal and getattr(args, "snr", None) is not None:
+        raise UsageError("--snr is the realistic mode's knob: without --ideal, or --noise with it")
+    mode = "ideal" if ideal else "realistic"
+    _, ny, nz = matrix
+    calib = tuple(args.calib) if getattr(args, "calib", None) else None
+    try:
+        # the masks themselves (cheap): every budget and calibration check of the simulator
+        _, calib, calib_mode, pattern = simulate.scan_masks(
+            proto, ny, nz, accel, calib, args.calib_mode, args.pattern, args.seed, mode)
+    except ValueError as err:
+        raise UsageError(f"sampling: {err}") from None
+    if calib[0] * calib[1] == 0:
+        raise UsageError("--calib 0 0: the reconstruction needs a calibration region (coil maps)")
+    plan = dict(matrix=matrix, n_coils=args.coils, accel=accel, seed=args.seed, calib=calib,
+                calib_mode=calib_mode, mode=mode, pattern=pattern)
+    if ideal:
+        plan["noise"] = DEFAULT_NOISE if args.noise is None else args.noise
+    else:
+        plan["snr"] = DEFAULT_SNR if args.snr is None else args.snr
+    return proto, plan
+
+
+def noise_text(plan: dict) -> str:
+    """'noise 0.01 (ideal)' or 'SNR 30' for messages and titles."""
+    return f"noise {plan['noise']:g} (ideal)" if plan.get("mode") == "ideal" else f"SNR {plan['snr']:g}"
+
+
+def save_npz(path, arrays: dict) -> None:
+    """np.savez_compressed, but byte-for-byte reproducible (fixed zip time stamps)."""
+    import io
+    import zipfile
+
+    import numpy as np
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, value in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asanyarray(value), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, buf.getvalue())
+
+
+def truth_arrays(sim, proto) -> dict:
+    """What the truth .npz holds: T1, T2 [ms], PD, B1 (protocols that encode it), labels
+    (0 background, 1 WM, 2 GM, 3 CSF, 4 lesion), brain_mask, and fov_mm / protocol / matrix."""
+    import numpy as np
+    t = sim.truth()
+    out = {k: np.asarray(t[k], np.float32) for k in MAP_ORDER if k in t}
+    out["labels"] = np.asarray(t["labels"], np.uint8)
+    out["brain_mask"] = np.asarray(t["labels"] > 0)
+    if "pure" in t:         # realistic mode: voxels without partial volume
+        out["pure"] = np.asarray(t["pure"], bool)
+    out["fov_mm"] = np.asarray(sim.scan.fov_mm, np.float64)
+    out["protocol"] = np.asarray(proto.name)
+    nz, ny, nx = out["T1"].shape
+    out["matrix"] = np.asarray([nx, ny, nz], np.int64)
+    return out
+
+
+def load_truth(path) -> dict:
+    """A truth .npz as written by ``lorein simulate`` (also accepts lower-case t1/t2/pd/b1 keys;
+    ``pure`` only where the file has it: ideal-mode and older files do not)."""
+    import numpy as np
+    check_input(path, "truth file", hdf5=False)
+    keys = {"t1": "T1", "t2": "T2", "pd": "PD", "b1": "B1"}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {keys.get(k, k): np.asarray(z[k]) for k in z.files}
+    except (OSError, ValueError) as err:
+        raise UsageError(f"truth file {path} is not a .npz written by 'lorein simulate': {err}") from None
+    missing = [k for k in ("T1", "T2", "PD", "labels") if k not in out]
+    if missing:
+        raise UsageError(f"truth file {path} has no {', '.join(missing)} "
+                         "(write it with 'lorein simulate --truth')")
+    return out
+
+
+def simulate_to_files(proto, plan: dict, raw_path, truth_path=None, png_path=None, oversampling=1,
+                      say=None):
+    """Simulate, write the raw file (replacing it), the truth .npz and the preview figure.
+    Returns (simulation, number of acquisitions written)."""
+    from . import sampling, simulate
+    from ..physics import sequences
+    from ..io import rawfile
+    say = say or (lambda text: None)
+    nx, ny, nz = plan["matrix"]
+    say(f"simulating {proto.name} ({proto.n_frames} frames), matrix {nx}x{ny}x{nz}, {plan['n_coils']} coils, "
+        f"R = {plan['accel']:g}, calibration {plan['calib'][0]}x{plan['calib'][1]} ({plan['calib_mode']}, "
+        f"pattern {plan.get('pattern') or 'per_frame'}), {noise_text(plan)}, seed {plan['seed']}")
+    t0 = time.perf_counter()
+    sim = simulate.simulate(proto, **plan)
+    scan = sim.scan
+    say(f"simulated {len(scan.lines.frame)} k-space lines in {time.perf_counter() - t0:.1f} s")
+    raw_path = Path(raw_path)
+    if raw_path.exists():
+        raw_path.unlink()
+    t0 = time.perf_counter()
+    calib_region = sampling.calib_region(ny, nz, plan["calib"])
+    n = rawfile.write_raw(raw_path, scan.lines, None, calib_region, scan.noise, proto.name, proto.yaml_text,
+                      scan.fov_mm, sequences.sequence_parameters(proto), oversampling=oversampling)
+    say(f"wrote {raw_path}: {n} acquisitions ({n - len(scan.lines.frame)} noise) in "
+        f"{time.perf_counter() - t0:.1f} s")
+    if truth_path:
+        save_npz(truth_path, truth_arrays(sim, proto))
+        say(f"wrote {truth_path}: ground-truth maps, labels and brain mask")
+    if png_path:
+        from .. import plots
+        plots.simulation_figure(sim, proto, png_path, accel=plan["accel"])
+        say(f"wrote {png_path}")
+    return sim, n
+
+
+def nrmse_table(maps: dict, truth: dict) -> str:
+    """NRMSE per map over the brain and the tissue (WM, GM, lesions), as a text table."""
+    from .. import metrics
+    brain = metrics.map_errors(maps, truth, "brain")
+    tissue = metrics.map_errors(maps, truth, "tissue")
+    lines = ["NRMSE   brain    tissue (WM, GM, lesions)"]
+    for k in MAP_ORDER:
+        if k in brain:
+            lines.append(f"{k:<6}  {brain[k]:6.4f}   {tissue[k]:6.4f}")
+    lines.append("(PD after a least-squares scale; CSF's long T2 dominates the whole-brain T2 figure)")
+    return "\n".join(lines)
+
+
+def check_truth_shape(maps: dict, truth: dict, path) -> None:
+    shape = next(iter(maps.values())).shape if maps else None
+    if shape is not None and truth["T1"].shape != shape:
+        raise UsageError(f"truth file {path} has volumes of shape {truth['T1'].shape} (nz, ny, nx) "
+                         f"but the maps have {shape}: not the truth of this scan")
+
+
+def check_truth_matrix(raw, truth: dict, path) -> None:
+    """Before a long reconstruction: the truth must have the raw header's recon matrix."""
+    from ..io import header, rawfile
+    xml, _ = rawfile.iter_raw(raw)
+    space = header.parse_header(xml).encoding[0].reconSpace.matrixSize
+    want = (int(space.z), int(space.y), int(space.x))
+    if tuple(truth["T1"].shape) != want:
+        raise UsageError(f"truth file {path} has volumes of shape {tuple(truth['T1'].shape)} (nz, ny, nx) "
+                         f"but {raw} has a {want[2]}x{want[1]}x{want[0]} matrix: not the truth of this scan")
+
+
+def replace_group(path: Path, group: str) -> None:
+    """Remove ``group`` from an existing output file (the images would otherwise be appended)."""
+    if not path.exists():
+        return
+    import h5py
+    if not h5py.is_hdf5(path):
+        raise UsageError(f"output {path} exists and is not an HDF5 file; remove it or choose another name")
+    with h5py.File(path, "a") as f:
+        if group in f:
+            del f[group]
+
+
+def run_recon(raw, out, settings: dict, group: str | None, say=None):
+    """gadget.recon_file (the gadget's own code path) -> (maps dict, images, seconds)."""
+    from ..io import map_images
+    from ..node import gadget
+    say = say or (lambda text: None)
+    if group:
+        replace_group(Path(out), group)
+    t0 = time.perf_counter()
+    images = gadget.recon_file(str(raw), str(out), settings, group=group)
+    seconds = time.perf_counter() - t0
+    maps = map_images.images_to_maps([im for im in images if int(im.image_series_index) < 100])
+    say(f"reconstructed {', '.join(k for k in MAP_ORDER if k in maps)} in {seconds:.1f} s -> {out}")
+    return maps, images, seconds
