@@ -95,7 +95,8 @@ Settings
                                     gadget_lorein/recon/lorein/fit.py, "LRR grid")
     protocol           (empty)      sequence protocol: empty = the one in the data
                                     (userParameter lorein.protocol_yaml, else lorein.protocol /
-                                    protocolName), else a shipped name (qalas, mrf) or a YAML path
+                                    protocolName), else a shipped name (qalas, mrf); a YAML path
+                                    only from lorein serve / recon options, never from the chain
     seed               0            seed of the network initialisation (CPU results repeat exactly)
     support_threshold  0.08         object support: low-resolution image above this fraction of
                                     its 99th percentile (0 <= value < 1); maps are 0 outside
@@ -109,10 +110,12 @@ Settings
                                     image per map (true/false, 1/0, yes/no, on/off)
     log_level          INFO         level of the gadget_lorein loggers: DEBUG, INFO, WARNING,
                                     ERROR (the chain's external-gadget log goes to Gadgetron's log)
+    max_memory_gb      0            memory ceiling of one reconstruction (GB); 0 = 80 % of the
+                                    memory available (gadget_lorein/limits.py lists every limit)
     ================== ============ ==============================================================
 
-    All but the last three are ``recon.ReconSettings`` (their defaults are that class's; the same names as
-    ``lorein recon``'s options, with - for _); the last three belong to the gadget. The shipped
+    All but the last four are ``recon.ReconSettings`` (their defaults are that class's; the same names as
+    ``lorein recon``'s options, with - for _); the last four belong to the gadget. The shipped
     chains (config_xml/*.xml) list most of them with their defaults.
 """
 from __future__ import annotations
@@ -129,11 +132,12 @@ from typing import Callable, Iterable
 import ismrmrd
 import numpy as np
 
-from .. import __version__
+from .. import __version__, limits
 
 from ..recon import pipeline as recon
 from ..io import buffer, header, map_images, rawfile
 from ..physics import protocol as protocol_mod
+from . import guard
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +152,7 @@ COEFFICIENT_SERIES_BASE = 100          # coefficient k (1-based) goes to series 
 DRAIN_TIMEOUT_S = 30.0                 # after an error: longest silence while draining the stream
 METHOD_LABELS = {"lorein": "LoREIN", "pmr": "PMR", "lrr": "LRR", "cg": "CG", "llr": "LLR",
                  "zerofill": "zerofill"}
-GADGET_DEFAULTS = {"output": "maps", "images_2d": "false", "log_level": "INFO"}
+GADGET_DEFAULTS = {"output": "maps", "images_2d": "false", "log_level": "INFO", "max_memory_gb": "0"}
 RECON_SETTING_NAMES = tuple(f.name for f in fields(recon.ReconSettings))
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -164,6 +168,7 @@ class GadgetSettings:
     output: str = "maps"
     images_2d: bool = False
     log_level: str = "INFO"
+    max_memory_gb: float = 0.0      # memory ceiling; 0 = limits.MEMORY_FRACTION of the available
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +233,7 @@ def parse_settings(values: dict | None) -> tuple[recon.ReconSettings, GadgetSett
     for name, ok, why in checks:
         if not ok:
             raise SettingsError(f"setting {name}={getattr(rs, name)!r} {why}")
+    limits.check_settings(rs)
     try:
         recon.resolve_device(rs.device)
     except recon.ReconError:
@@ -252,6 +258,14 @@ def parse_settings(values: dict | None) -> tuple[recon.ReconSettings, GadgetSett
         gs.log_level = str(given["log_level"]).upper()
         if gs.log_level not in _LEVELS:
             raise SettingsError(f"setting log_level={given['log_level']!r} must be one of {', '.join(_LEVELS)}")
+    if "max_memory_gb" in given:
+        try:
+            gs.max_memory_gb = float(given["max_memory_gb"])
+        except (TypeError, ValueError):
+            gs.max_memory_gb = -1.0
+        if not (math.isfinite(gs.max_memory_gb) and gs.max_memory_gb >= 0):
+            raise SettingsError(f"setting max_memory_gb={given['max_memory_gb']!r} must be a number >= 0 "
+                                "(0 = 80% of the available memory)")
     return rs, gs
 
 
@@ -352,7 +366,7 @@ def _coefficient_images(result: recon.ReconResult, scan, rs: recon.ReconSettings
 
 
 def _reconstruct_scan(buf: buffer.AcquisitionBuffer, rs: recon.ReconSettings, gs: GadgetSettings,
-                      send: Callable, clock: _Clock, counts: dict) -> None:
+                      send: Callable, clock: _Clock, counts: dict, check_peer: Callable | None = None) -> None:
     t = time.perf_counter()
     raw = buf.finish()
     scan = raw.to_scan()
@@ -365,7 +379,14 @@ def _reconstruct_scan(buf: buffer.AcquisitionBuffer, rs: recon.ReconSettings, gs
              lines.n_coils, len(lines.frame), lines.acceleration(), int(np.count_nonzero(lines.calib)),
              noise, raw.n_ignored, raw.n_repeated, rs.method, rs.device)
     t = time.perf_counter()
-    result = recon.reconstruct(scan, rs, progress=_progress_logger(rs.method))
+    progress = _progress_logger(rs.method)
+    if check_peer is not None:      # a peer that vanishes during the fit ends it at the next step
+        def progress(it, total, loss, _log=progress):
+            check_peer()
+            _log(it, total, loss)
+    result = recon.reconstruct(scan, rs, progress=progress)
+    if check_peer is not None:
+        check_peer()
     total = time.perf_counter() - t
     for name, sec in result.timings.items():
         clock.add(name, sec)
@@ -390,14 +411,29 @@ def _reconstruct_scan(buf: buffer.AcquisitionBuffer, rs: recon.ReconSettings, gs
              len(images), ", ".join(sorted(result.maps)))
 
 
-def process(header_xml, items: Iterable, settings: dict | None, send: Callable) -> None:
+def _check_resources(buf: buffer.AcquisitionBuffer, proto, rs: recon.ReconSettings,
+                     gs: GadgetSettings) -> None:
+    """The protocol's sizes and the memory estimate against gadget_lorein/limits.py, before any
+    data is read (the header's sizes were checked by the buffer)."""
+    atoms = limits.check_protocol(proto)
+    n_coils = buf.n_coils or 1
+    n_lines = buf.n_lines_hint or 0          # without the hint the buffer checks its own growth
+    est = limits.estimate_bytes(buf.nx, buf.ny, buf.nz, buf.n_frames, n_coils, n_lines, atoms,
+                                rs.rank, rs.virtual_coils)
+    limits.check_memory(est, gs.max_memory_gb, recon.resolve_device(rs.device))
+
+
+def process(header_xml, items: Iterable, settings: dict | None, send: Callable,
+            check_peer: Callable | None = None) -> None:
     """Reconstruct a stream: the ISMRMRD XML header (str or bytes), an iterable of acquisitions
     (and anything else, which is passed on), the settings mapping (see the module docstring) and
     ``send(item)``, called with every passed-on item and every output image.
 
     Raises ``SettingsError`` / ``recon.ReconError`` (bad settings, protocol, reconstruction input),
     ``header.MRDError`` (header or data outside the contract, or a stream that ends before
-    ACQ_LAST_IN_MEASUREMENT), or whatever failed; nothing is sent for a failed measurement.
+    ACQ_LAST_IN_MEASUREMENT), ``limits.ResourceError`` (over a limit of gadget_lorein/limits.py),
+    or whatever failed; nothing is sent for a failed measurement. ``check_peer()``, called at every
+    fit step, raises to abandon the reconstruction (a vanished peer).
     """
     t_start = time.perf_counter()
     clock = _Clock()
@@ -408,8 +444,10 @@ def process(header_xml, items: Iterable, settings: dict | None, send: Callable) 
     if isinstance(header_xml, (bytes, bytearray)):
         header_xml = bytes(header_xml).decode("utf-8")
     t = time.perf_counter()
-    buf = buffer.AcquisitionBuffer(header_xml)
+    budget = limits.memory_budget(gs.max_memory_gb)
+    buf = buffer.AcquisitionBuffer(header_xml, max_bytes=budget)
     proto = _check_protocol(buf, rs)
+    _check_resources(buf, proto, rs, gs)
     clock.add("header", time.perf_counter() - t)
     log.info("header: protocol %s (%s, %d frames), matrix %dx%dx%d, %s coils", proto.name, proto.kind,
              proto.n_frames, buf.nx, buf.ny, buf.nz, buf.n_coils if buf.n_coils is not None else "?")
@@ -421,7 +459,7 @@ def process(header_xml, items: Iterable, settings: dict | None, send: Callable) 
             counts["passed"] += 1
             continue
         if buf is None:
-            buf = buffer.AcquisitionBuffer(header_xml)
+            buf = buffer.AcquisitionBuffer(header_xml, max_bytes=budget)
         kind = buf.add(item)
         counts["acquisitions"] += 1
         if kind == "noise":
@@ -431,7 +469,7 @@ def process(header_xml, items: Iterable, settings: dict | None, send: Callable) 
             counts["passed"] += 1
         if item.is_flag_set(ismrmrd.ACQ_LAST_IN_MEASUREMENT):
             clock.add("receive", time.perf_counter() - t_read)
-            _reconstruct_scan(buf, rs, gs, send, clock, counts)
+            _reconstruct_scan(buf, rs, gs, send, clock, counts, check_peer)
             buf = None
             t_read = time.perf_counter()
     clock.add("receive", time.perf_counter() - t_read)
@@ -452,13 +490,22 @@ def process(header_xml, items: Iterable, settings: dict | None, send: Callable) 
 
 class _GuardedSocket:
     """A socket whose ``recv`` raises ConnectionError when the peer has gone (an empty read)
-    instead of returning b'' (on which gadgetron-python's reader loops forever)."""
+    instead of returning b'' (on which gadgetron-python's reader loops forever), and whose reads
+    time out after ``timeout`` seconds of silence (gadgetron-python's ``settimeout(None)`` keeps it)."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, timeout: float | None = None):
         self._sock = sock
+        self.timeout = timeout
+        sock.settimeout(timeout)
+
+    def settimeout(self, value):
+        self._sock.settimeout(self.timeout if value is None else value)
 
     def recv(self, nbytes, *flags):
-        data = self._sock.recv(nbytes, *flags)
+        try:
+            data = self._sock.recv(nbytes, *flags)
+        except socket.timeout:
+            raise TimeoutError(f"no message from Gadgetron for {self._sock.gettimeout():g} s") from None
         if not data and nbytes > 0:
             raise ConnectionError("Gadgetron closed the connection without a CLOSE message")
         return data
@@ -471,6 +518,19 @@ def _guard(connection) -> None:
     wrapper = connection.socket
     if not isinstance(wrapper.socket, _GuardedSocket):
         wrapper.socket = _GuardedSocket(wrapper.socket)
+    wrapper.socket.timeout = limits.MESSAGE_TIMEOUT_S      # between messages, from now on
+    wrapper.socket.settimeout(None)
+    guard.strict_readers(connection)
+
+
+def _check_network_protocol(config: dict, settings: dict | None) -> None:
+    """A protocol named by the chain's configuration (it comes over the socket) must be a shipped
+    name: file paths are taken only from ``lorein serve``'s own options."""
+    value = str(config.get("protocol") or "").strip()
+    if value and not (settings or {}).get("protocol") and value not in protocol_mod.available():
+        raise SettingsError(f"setting protocol from the chain's configuration must be a shipped "
+                            f"protocol name ({', '.join(protocol_mod.available())}), not "
+                            f"{value[:80]!r}; a YAML file can be given to lorein serve --protocol")
 
 
 def describe_error(err: BaseException) -> str:
@@ -511,19 +571,23 @@ def reconstruct(connection, settings: dict | None = None) -> None:
     mode, ``lorein serve``) override them. Errors: logged, sent to Gadgetron as ERROR, re-raised."""
     _guard(connection)
     state = {"closed": False}
+    watchdog = guard.PeerWatchdog(connection.socket)
 
     def items():
         yield from connection
         state["closed"] = True
 
     try:
-        merged = {**config_settings(connection.config), **(settings or {})}
+        conf = config_settings(connection.config)
+        _check_network_protocol(conf, settings)
+        merged = {**conf, **(settings or {})}
         level = str(merged.get("log_level") or "INFO").upper()
         if level in _LEVELS:
             _apply_log_level(level)
         log.info("gadget_lorein %s: connection open (settings given: %s)", __version__,
                  ", ".join(f"{k}={v}" for k, v in merged.items()) or "none")
-        process(connection.raw_bytes.header, items(), merged, connection.send)
+        watchdog.start()
+        process(connection.raw_bytes.header, items(), merged, connection.send, watchdog.check)
     except BaseException as err:
         text = describe_error(err) if not isinstance(err, KeyboardInterrupt) else "interrupted"
         log.error("lorein: error: %s", text)
@@ -532,11 +596,21 @@ def reconstruct(connection, settings: dict | None = None) -> None:
                 n = _drain(connection)
                 log.info("dropped %d messages after the error, until Gadgetron's CLOSE", n)
         raise
+    finally:
+        watchdog.stop()
 
 
-def _listener(port: int, host: str = "") -> socket.socket:
-    """Listening socket as gadgetron.external.listen makes it (AF_INET6 on '', dual stack), with
-    an IPv4 fallback where IPv6 is unavailable."""
+def _listener(port: int, host: str = limits.DEFAULT_HOST) -> socket.socket:
+    """Listening socket: on loopback by default (``limits.DEFAULT_HOST``); on '' as
+    gadgetron.external.listen makes it (AF_INET6, dual stack, all interfaces), with an IPv4
+    fallback where IPv6 is unavailable; on any other address in its own family."""
+    if host:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+        sock.listen(8)
+        return sock
     try:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         try:
@@ -554,7 +628,7 @@ def _listener(port: int, host: str = "") -> socket.socket:
 def _serve_connection(conn_sock: socket.socket, settings: dict | None) -> None:
     from gadgetron.external import Connection
 
-    guarded = _GuardedSocket(conn_sock)
+    guarded = _GuardedSocket(conn_sock, limits.CONFIG_TIMEOUT_S)   # the configuration and header
     try:
         connection = Connection(guarded)    # reads the configuration and the header
     except BaseException as err:
@@ -576,13 +650,17 @@ def _serve_connection(conn_sock: socket.socket, settings: dict | None) -> None:
             conn_sock.close()
 
 
-def serve(port: int, settings: dict | None = None, once: bool = True, host: str = "",
+def serve(port: int, settings: dict | None = None, once: bool = True, host: str = limits.DEFAULT_HOST,
           ready: Callable[[int], None] | None = None) -> None:
-    """Passive mode (``config_xml/lorein_connect.xml``, ``lorein serve``): listen on ``port`` (all
-    interfaces, IPv6 and IPv4, as ``gadgetron.external.listen``) and serve Gadgetron's connections
-    with :func:`reconstruct`; ``settings`` override the chain's. ``once``: serve one connection and
-    return (its error propagates); otherwise serve connections one after another until interrupted
-    (an error ends that connection only). ``ready(port)`` is called once the socket listens."""
+    """Passive mode (``config_xml/lorein_connect.xml``, ``lorein serve``): listen on ``port`` (on
+    loopback unless ``host`` says otherwise: '' = all interfaces, IPv6 and IPv4, as
+    ``gadgetron.external.listen``; a warning is logged) and serve Gadgetron's connections with
+    :func:`reconstruct`; ``settings`` override the chain's. ``once``: serve one connection in this
+    process and return (its error propagates); otherwise serve each connection in its own process
+    (``node/guard.py``), at most ``limits.MAX_CONNECTIONS`` at once (more are refused with an
+    ERROR), until interrupted. Reads time out (``limits.CONFIG_TIMEOUT_S`` for the configuration and
+    header, ``limits.MESSAGE_TIMEOUT_S`` between messages). ``ready(port)`` is called once the
+    socket listens."""
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s [lorein serve %(process)d] %(message)s",
                             level=logging.INFO)
@@ -590,24 +668,37 @@ def serve(port: int, settings: dict | None = None, once: bool = True, host: str 
         parse_settings(settings)     # bad overrides fail before anything listens
     listener = _listener(port, host)
     port = listener.getsockname()[1]
+    if not limits.is_loopback(host):
+        log.warning("lorein serve: listening on %s, not only on loopback: anyone who can reach this "
+                    "port can send data to reconstruct", host or "all interfaces")
     log.info("lorein serve: waiting for Gadgetron on port %d (%s)", port,
              "one connection" if once else "until interrupted")
     if ready is not None:
         ready(port)
+    children: list = []
     try:
         while True:
             conn_sock, address = listener.accept()
             log.info("lorein serve: connection from %s", address[0] if address else "?")
-            try:
-                _serve_connection(conn_sock, settings)
-            except Exception:
-                if once:
-                    raise
-                log.info("lorein serve: connection failed; waiting for the next one")
             if once:
+                _serve_connection(conn_sock, settings)
                 return
+            children = [c for c in children if c.poll() is None]
+            if len(children) >= limits.MAX_CONNECTIONS:
+                log.error("lorein serve: refused a connection: %d in progress (limit %d)",
+                          len(children), limits.MAX_CONNECTIONS)
+                guard.refuse(conn_sock, f"busy: {len(children)} connections in progress (limit "
+                             f"{limits.MAX_CONNECTIONS}); try again later")
+                continue
+            try:
+                children.append(guard.spawn(conn_sock, settings))
+            finally:
+                conn_sock.close()
     finally:
         listener.close()
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
 
 
 # --------------------------------------------------------------------------------------------
