@@ -355,6 +355,8 @@ def _add_settings_arguments(p: argparse.ArgumentParser, with_method=True) -> Non
     g.add_argument("--seed", type=int, help="seed of the network initialisation (default 0)")
     g.add_argument("--output", dest="output_kind", choices=("maps", "maps+coefficients"),
                    help="images to return (default maps)")
+    g.add_argument("--max-memory-gb", type=float, help="memory ceiling of one reconstruction in GB "
+                   "(default: 80%% of the available memory; gadget_lorein/limits.py has every limit)")
     g.add_argument("--images-2d", action="store_true", default=None,
                    help="one 2D image per partition instead of one 3D image per map")
 
@@ -368,7 +370,7 @@ def settings_from_args(args) -> dict:
                  grid_levels="grid_levels", grid_features="grid_features",
                  grid_log2_table="grid_log2_table", grid_base="grid_base", grid_finest="grid_finest",
                  mlp_width="mlp_width", mlp_layers="mlp_layers", support_threshold="support_threshold",
-                 holdout="holdout", lrr_finest="lrr_finest")
+                 holdout="holdout", lrr_finest="lrr_finest", max_memory_gb="max_memory_gb")
     out = {}
     for attr, name in names.items():
         v = getattr(args, attr, None)
@@ -657,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "config_xml/lorein_connect.xml, <connect port=.../>). Settings given here override "
                        "the chain's.")
     p.add_argument("-p", "--port", type=_port, default=18000, help="TCP port (default 18000; 0 = any free)")
-    p.add_argument("--host", default="", help="address to listen on (default: all)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, "
+                   "loopback only; '' or 0.0.0.0 = all interfaces, logged as a warning)")
     p.add_argument("--forever", action="store_true", help="serve connections until interrupted "
                    "(default: one connection, then exit)")
     _add_settings_arguments(p)
