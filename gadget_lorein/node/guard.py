@@ -37,8 +37,9 @@ def raw_socket(sock):
 
 
 class PeerWatchdog(threading.Thread):
-    """Polls the socket every ``interval`` seconds; ``gone`` is set when the peer has closed or
-    reset the connection. Only peeks: never consumes a byte."""
+    """Polls the socket every ``interval`` seconds; ``gone`` is set when the peer has closed (or
+    shut down its sending side) or reset the connection. Never consumes a byte. A peer that half-
+    closes during the fit is taken as gone (Gadgetron does not; it closes when it goes)."""
 
     def __init__(self, sock, interval: float = limits.PEER_POLL_S):
         super().__init__(daemon=True, name="lorein-peer-watchdog")
@@ -48,14 +49,30 @@ class PeerWatchdog(threading.Thread):
         self._halt = threading.Event()
 
     def run(self):
+        # poll for the peer's FIN (POLLRDHUP, Linux) or a reset (POLLHUP / POLLERR): a plain
+        # recv(MSG_PEEK) sees the unread bytes first (Gadgetron's CLOSE, sent before the fit ends)
+        # and would never see the end of the stream behind them
+        rdhup = getattr(select, "POLLRDHUP", 0)
+        poller = select.poll()
+        try:
+            poller.register(self.sock, select.POLLIN | rdhup | select.POLLHUP | select.POLLERR)
+        except (OSError, ValueError):
+            return
         while not self._halt.is_set():
             try:
-                readable, _, _ = select.select([self.sock], [], [], self.interval)
-                if readable and not self._halt.is_set():
-                    if self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                events = poller.poll(self.interval * 1000)
+                if self._halt.is_set():
+                    return
+                for _, ev in events:
+                    if ev & (rdhup | select.POLLHUP | select.POLLERR | select.POLLNVAL):
                         self.gone.set()
                         return
-                    self._halt.wait(self.interval)   # data waiting (read later): do not spin
+                    if ev & select.POLLIN and not rdhup:      # no POLLRDHUP: peek for EOF
+                        if self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                            self.gone.set()
+                            return
+                if events:
+                    self._halt.wait(self.interval)      # data waiting (read later): do not spin
             except BlockingIOError:
                 continue
             except (OSError, ValueError):              # reset, or the socket was closed under us
