@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "config_xml/lorein_connect.xml, <connect port=.../>). Settings given here override "
                        "the chain's.")
     p.add_argument("-p", "--port", type=_port, default=18000, help="TCP port (default 18000; 0 = any free)")
-    p.add_argument("--host", default="", help="address to listen on (default: all)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, "
+                   "loopback only; '' or 0.0.0.0 = all interfaces, logged as a warning)")
     p.add_argument("--forever", action="store_true", help="serve connections until interrupted "
                    "(default: one connection, then exit)")
     _add_setting_options(p)

@@ -75,3 +75,6 @@ class Scan:
     protocol_yaml: str | None       # the protocol the data was acquired with
     protocol_name: str
     fov_mm: tuple[float, float, float]   # (x, y, z) of the reconstructed volume
+    # (n_lines,) bool over ``lines``: calibration-only reference lines (used for the coil maps,
+    # not fitted as imaging data); None: every line is imaging data
+    reference_only: np.ndarray | None = None

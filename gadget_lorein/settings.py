@@ -140,6 +140,9 @@ SETTINGS: tuple[Setting, ...] = (
        scope="node"),
     _s("log_level", str, "INFO", "level of the gadget_lorein loggers", scope="node",
        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
+    _s("max_memory_gb", float, 0.0, "memory ceiling of one reconstruction in GB (gadget_lorein/"
+       "limits.py lists every other limit)", scope="node", low=0.0,
+       special=(0, "80 % of the memory available")),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 RECON_NAMES = tuple(s.name for s in SETTINGS if s.scope == "recon")
@@ -295,6 +298,8 @@ def parse(values: Mapping | None, unknown: str = "warn") -> Settings:
              if k in BY_NAME and v is not None and not (isinstance(v, str) and not v.strip())}
     rs = ReconSettings.from_mapping(given)
     ns = NodeSettings.from_mapping(given)
+    from . import limits
+    limits.check_settings(rs)       # the sizes a stranger could ask for (limits.py)
     return Settings(rs, ns, tuple(given))
 
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -42,6 +44,15 @@ from gadget_lorein.io import header, map_images, rawfile
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "test_data"
+
+# a subspace cache folder of this session's own (the gadget and server processes inherit it through
+# the environment): no test reads or writes the user's cache, and no stale entry hides a change
+_SESSION_CACHE = tempfile.mkdtemp(prefix="lorein-test-cache-")
+os.environ["LOREIN_CACHE_DIR"] = _SESSION_CACHE
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 CONFIG_TEXT_ID, HEADER_ID, CLOSE_ID, ERROR_ID = 2, 3, 4, 8
 
 def load_script(path: Path):
@@ -134,7 +145,7 @@ def _write(path: Path, proto, sim) -> dict:
 
 def warm_subspace(raw) -> None:
     """Build (or load) the subspace of the file's protocol with the default rank/energy, so that it
-    is in the on-disk cache (~/.cache/gadget_lorein or $LOREIN_CACHE_DIR) before a gadget process
+    is in the on-disk cache ($LOREIN_CACHE_DIR: the session's own folder, set above) before a gadget process
     needs it: the dictionary simulation is then not charged to a test's timeout."""
     from gadget_lorein.physics import protocol
     from gadget_lorein.recon import pipeline as recon

@@ -10,7 +10,10 @@ default fit takes about 30 s on 2 cores.
 """
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,7 +46,8 @@ def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("gadgetron_real")
     fast = chain_copy(LOREIN_XML, work / "lorein_fast.xml", FAST)
     with GadgetronServer(gt, work / "server", chains=[fast],
-                         env={"GADGETRON_EXTERNAL_LOG_LEVEL": "INFO"}) as srv:
+                         env={"GADGETRON_EXTERNAL_LOG_LEVEL": "INFO",
+                              "PYTHONPATH": str(REPO)}) as srv:   # the gadget from this checkout
         srv.fast_chain = srv.home / "share" / "gadgetron" / "config" / "lorein_fast.xml"
         yield srv
 
@@ -248,9 +252,42 @@ def _unknown_protocol_copy(raw, path):
     return path
 
 
+def _header_edit_copy(edit):
+    def make(raw, path):
+        import ismrmrd
+        shutil.copyfile(raw, path)
+        with h5py.File(path, "r+") as f:
+            h = ismrmrd.xsd.CreateFromDocument(f["dataset/xml"][0])
+            edit(h)
+            f["dataset/xml"][0] = header.header_to_xml(h).encode("utf-8")
+        return path
+    return make
+
+
+def _matrix_bomb(h):
+    for space in (h.encoding[0].encodedSpace, h.encoding[0].reconSpace):
+        space.matrixSize.x = space.matrixSize.y = space.matrixSize.z = 4096
+    h.encoding[0].encodingLimits.kspace_encoding_step_1.maximum = 4095
+    h.encoding[0].encodingLimits.kspace_encoding_step_1.center = 2048
+    h.encoding[0].encodingLimits.kspace_encoding_step_2.maximum = 4095
+    h.encoding[0].encodingLimits.kspace_encoding_step_2.center = 2048
+
+
+def _lines_bomb(h):
+    for p in h.userParameters.userParameterLong:
+        if p.name == "lorein.n_lines":
+            p.value = 10 ** 12
+
+
 BAD = {
     "cut_short": (_cut_copy, "MRDError: the stream ended before ACQ_LAST_IN_MEASUREMENT"),
     "unknown_protocol": (_unknown_protocol_copy, "ReconError: unknown protocol 'qalas_v9'"),
+    "matrix_4096": (_header_edit_copy(_matrix_bomb),
+                    "ResourceError: encoded readout (encodedSpace matrixSize x) = 4096 exceeds the limit"),
+    "lines_1e12": (_header_edit_copy(_lines_bomb),
+                   "ResourceError: imaging lines (userParameter lorein.n_lines) = 1000000000000 exceeds"),
+    "protocol_path": (_header_edit_copy(lambda h: unknown_protocol(h, "/etc/lorein/../qalas.yaml")),
+                      "ReconError: unknown protocol '/etc/lorein/../qalas.yaml'"),
 }
 
 
@@ -279,7 +316,7 @@ def test_bad_input_through_server(case, server, qalas_small, tmp_path):
     assert _no_images(tmp_path / "stock.h5")
 
     t0 = time.monotonic()
-    with pytest.raises(rp.ReplayError, match=expected.split(": ", 1)[1].replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(rp.ReplayError, match=re.escape(expected.split(": ", 1)[1])):
         rp.replay(bad, tmp_path / "replay.h5", port=server.port, config_name="lorein.xml", timeout=60,
                   progress=False)
     assert time.monotonic() - t0 < 60
@@ -366,3 +403,59 @@ def test_four_replays_at_once(server, qalas_small, tmp_path):
         assert p.returncode == 0, out
     for i in range(4):
         assert_maps_equal(map_images.read_images(tmp_path / f"out{i}.h5", "run"), reference)
+
+
+@pytest.mark.timeout(300)
+def test_server_killed_mid_fit_gadget_exits(qalas_small, tmp_path):
+    """The server is killed (SIGKILL) while its gadget fits: the gadget notices that its peer has
+    gone and exits within 30 s; no process is left behind."""
+    gt = require_gadgetron()
+    slow = chain_copy(LOREIN_XML, tmp_path / "lorein_slow.xml",
+                      {"method": "lorein", "iterations": "1200", "holdout": "0"})
+    with GadgetronServer(gt, tmp_path / "server", chains=[slow],
+                         env={"GADGETRON_EXTERNAL_LOG_LEVEL": "INFO", "PYTHONPATH": str(REPO)}) as srv:
+        client = subprocess.Popen([str(LORE), "replay", str(qalas_small.raw), "-o", str(tmp_path / "o.h5"),
+                                   "-p", str(srv.port), "-c", "lorein_slow.xml", "-q"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=srv.environment())
+        try:
+            deadline = time.monotonic() + 200
+            while time.monotonic() < deadline and "iteration" not in srv.log_text():
+                time.sleep(0.5)
+            assert "iteration" in srv.log_text(), srv.log_text()[-3000:]
+            pid = srv.process.pid
+            procs = {p: _cmdline(p) for p in _descendants(pid)}
+            gadgets = [p for p, cmd in procs.items() if "gadget_lorein" in cmd]
+            servers = [p for p in procs if p not in gadgets]     # the server and its own children
+            assert gadgets, f"no gadget process under the server: {procs}"
+            t0 = time.monotonic()
+            for p in servers:
+                os.kill(p, signal.SIGKILL)
+            srv.process.wait(10)
+            alive = gadgets
+            while alive and time.monotonic() - t0 < 30:
+                time.sleep(0.2)
+                alive = [p for p in gadgets if _running(p)]
+            took = time.monotonic() - t0
+        finally:
+            if client.poll() is None:
+                client.kill()
+            client.communicate(10)
+        log = srv.log_text()
+    print(f"gadget processes gone {took:.1f} s after the server was killed: {procs}")
+    assert not alive, f"gadget processes {alive} still running 30 s after the server was killed\n{log[-3000:]}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

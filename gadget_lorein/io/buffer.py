@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import ismrmrd
 import numpy as np
 
+from .. import limits
 from ..data import KSpaceLines, Scan
 from .header import (UP_N_FRAMES, UP_N_LINES, UP_PROTOCOL,
                      UP_PROTOCOL_YAML, Geometry, MRDError, _vec3, header_to_xml, parse_header,
@@ -30,6 +31,8 @@ for _f in _IGNORED_FLAGS:
     _IGNORE_MASK |= _bit(_f)
 _NOISE_BIT = _bit(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
 _CALIB_BITS = _bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) | _bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
+_REF_ONLY_BIT = _bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)     # without _AND_IMAGING: reference only
+_CALIB_AND_IMAGING_BIT = _bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
 _REVERSE_BIT = _bit(ismrmrd.ACQ_IS_REVERSE)
 
 # --------------------------------------------------------------------------------------------
@@ -92,6 +95,9 @@ class RawScan:
     noise_sample_time_us: float | None = None
     n_ignored: int = 0                      # acquisitions skipped (navigators, dummies, ...)
     n_repeated: int = 0                     # lines acquired more than once (averaged)
+    # (n_lines,) bool over ``lines``: ACQ_IS_PARALLEL_CALIBRATION without _AND_IMAGING (reference
+    # lines for the coil maps only, not fitted); None when there are none
+    reference_only: np.ndarray | None = None
 
     @property
     def kspace(self) -> np.ndarray:
@@ -115,7 +121,7 @@ class RawScan:
     def to_scan(self) -> Scan:
         """The reconstruction's input container."""
         return Scan(self.lines, self.noise, self.protocol_yaml, self.protocol_name,
-                    tuple(self.geometry.fov_mm))
+                    tuple(self.geometry.fov_mm), self.reference_only)
 
 # --------------------------------------------------------------------------------------------
 # the acquisition buffer
@@ -132,7 +138,9 @@ class AcquisitionBuffer:
     in arrays that grow geometrically; noise acquisitions are kept as their samples.
     """
 
-    def __init__(self, header, header_xml: str | None = None):
+    def __init__(self, header, header_xml: str | None = None, max_bytes: int | None = None):
+        """``max_bytes``: ceiling of the lines buffer (default: limits.memory_budget()); the
+        header's sizes are checked against gadget_lorein/limits.py before anything is allocated."""
         if isinstance(header, (str, bytes)):
             header_xml = header.decode("utf-8") if isinstance(header, bytes) else header
         self.header = h = parse_header(header)
@@ -199,7 +207,7 @@ class AcquisitionBuffer:
         self.n_coils = int(asi.receiverChannels) if asi is not None and asi.receiverChannels else None
         self._n = 0
         self._cap = 0
-        self._data = self._frame = self._kz = self._ky = self._calib = None
+        self._data = self._frame = self._kz = self._ky = self._calib = self._ref = None
         # readout oversampling removal (iFFT, crop, FFT) is done on blocks of staged lines
         self._crop = self.nx_enc != self.nx
         self._stage = None
@@ -207,6 +215,11 @@ class AcquisitionBuffer:
         self._stage_n = 0
         # expected number of imaging lines (written by write_raw): one allocation instead of growth
         hint = int(ups.get(UP_N_LINES, 0))
+        limits.check_scan(self.nx_enc, self.nx, self.ny, self.nz, self.n_frames, self.n_coils,
+                          hint if hint > 0 else None)
+        self.max_bytes = limits.memory_budget() if max_bytes is None else int(max_bytes)
+        self.n_lines_hint = hint if hint > 0 else None
+        self._noise_samples = 0
         self._initial_cap = hint if 0 < hint <= self.n_frames * self.ny * self.nz * 4 else 1024
         if self.n_coils is not None:
             self._grow(self._initial_cap)
@@ -238,6 +251,13 @@ class AcquisitionBuffer:
         if cap == self._cap:
             return
         C = self.n_coils
+        limits.check("imaging lines received", need, limits.MAX_LINES)
+        nbytes = cap * C * self.nx * 8
+        if nbytes > self.max_bytes:
+            raise limits.ResourceError(
+                f"the k-space lines buffer would need {nbytes / limits.GIB:.3g} GB for {cap} lines of "
+                f"{C} coils x {self.nx} samples, over the memory limit {self.max_bytes / limits.GIB:.3g} GB "
+                "(setting max_memory_gb)")
 
         def grow(a, shape, dtype):
             b = np.empty(shape, dtype=dtype)    # rows >= _n are written before they are read
@@ -251,11 +271,16 @@ class AcquisitionBuffer:
         self._kz = grow(self._kz, (cap,), np.int32)
         self._ky = grow(self._ky, (cap,), np.int32)
         self._calib = grow(self._calib, (cap,), bool)
+        self._ref = grow(self._ref, (cap,), bool)
         self._cap = cap
 
     def _check_channels(self, acq, what):
         nc = int(acq.active_channels)
         if self.n_coils is None:
+            limits.check(f"{what} acquisition (scan_counter {acq.scan_counter}) active_channels", nc,
+                         limits.MAX_COILS)
+            if nc < 1:
+                raise MRDError(f"{what} acquisition (scan_counter {acq.scan_counter}) has no channels")
             self.n_coils = nc
             self._grow(self._initial_cap)
         if nc != self.n_coils:
@@ -273,6 +298,8 @@ class AcquisitionBuffer:
             data = np.asarray(acq.data)
             if not np.isfinite(data).all():
                 raise MRDError(f"noise acquisition (scan_counter {acq.scan_counter}) contains NaN or Inf")
+            self._noise_samples += data.shape[-1]
+            limits.check("noise samples per coil", self._noise_samples, limits.MAX_NOISE_SAMPLES)
             self._noise.append(np.array(data, dtype=np.complex64, copy=True))
             self._noise_dwell = float(acq.sample_time_us)
             return "noise"
@@ -341,6 +368,7 @@ class AcquisitionBuffer:
         self._kz[i] = kz + self._off_z
         self._ky[i] = ky + self._off_y
         self._calib[i] = bool(flags & _CALIB_BITS)
+        self._ref[i] = bool(flags & _REF_ONLY_BIT) and not flags & _CALIB_AND_IMAGING_BIT
         self._n += 1
         self._dwell = float(acq.sample_time_us)
         # geometry comes from the last data acquisition: keep a copy of its header (a byte copy
@@ -376,7 +404,9 @@ class AcquisitionBuffer:
         self._flush()
         n = self._n
         frame, kz, ky = self._frame[:n], self._kz[:n], self._ky[:n]
-        lin = (frame.astype(np.int64) * self.nz + kz) * self.ny + ky
+        ref = self._ref[:n]
+        # reference-only calibration lines are kept apart from imaging lines at the same place
+        lin = ((frame.astype(np.int64) * self.nz + kz) * self.ny + ky) * 2 + ref
         order = np.argsort(lin, kind="stable")
         lin_s = lin[order]
         first = np.ones(n, bool)
@@ -407,8 +437,8 @@ class AcquisitionBuffer:
                        protocol_name=self.protocol_name, protocol_yaml=self.protocol_yaml,
                        n_frames=self.n_frames, header_xml=xml, sample_time_us=self._dwell,
                        noise_sample_time_us=self._noise_dwell, n_ignored=self.n_ignored,
-                       n_repeated=n_repeated)
-        self._data = self._frame = self._kz = self._ky = self._calib = self._stage = None
+                       n_repeated=n_repeated, reference_only=ref[sel].copy() if ref.any() else None)
+        self._data = self._frame = self._kz = self._ky = self._calib = self._ref = self._stage = None
         self._noise = []
         self._finished = True
         return scan

@@ -6,8 +6,11 @@ ERROR is <uint16 id GADGET_MESSAGE_ERROR, uint64 length, UTF-8 text>; CLOSE is t
 from __future__ import annotations
 
 import logging
+import socket
 
 from gadgetron.external import constants
+
+from .. import limits
 
 log = logging.getLogger(__name__)
 
@@ -18,13 +21,22 @@ DRAIN_TIMEOUT_S = 30.0                 # after an error: longest silence while d
 
 class GuardedSocket:
     """A socket whose ``recv`` raises ConnectionError when the peer has gone (an empty read)
-    instead of returning b'' (on which gadgetron-python's reader loops forever)."""
+    instead of returning b'' (on which gadgetron-python's reader loops forever), and whose reads
+    time out after ``timeout`` seconds of silence (gadgetron-python's ``settimeout(None)`` keeps it)."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, timeout: float | None = None):
         self._sock = sock
+        self.timeout = timeout
+        sock.settimeout(timeout)
+
+    def settimeout(self, value):
+        self._sock.settimeout(self.timeout if value is None else value)
 
     def recv(self, nbytes, *flags):
-        data = self._sock.recv(nbytes, *flags)
+        try:
+            data = self._sock.recv(nbytes, *flags)
+        except socket.timeout:
+            raise TimeoutError(f"no message from Gadgetron for {self._sock.gettimeout():g} s") from None
         if not data and nbytes > 0:
             raise ConnectionError("Gadgetron closed the connection without a CLOSE message")
         return data
@@ -35,9 +47,13 @@ class GuardedSocket:
 
 def guard(connection) -> None:
     """Guard a gadgetron-python Connection's socket (see GuardedSocket)."""
+    from .guard import strict_readers
     wrapper = connection.socket
     if not isinstance(wrapper.socket, GuardedSocket):
         wrapper.socket = GuardedSocket(wrapper.socket)
+    wrapper.socket.timeout = limits.MESSAGE_TIMEOUT_S      # between messages, from now on
+    wrapper.socket.settimeout(None)
+    strict_readers(connection)
 
 
 def describe_error(err: BaseException) -> str:

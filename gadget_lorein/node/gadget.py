@@ -55,11 +55,12 @@ from typing import Callable, Iterable
 import ismrmrd
 import numpy as np
 
-from .. import __version__
+from .. import __version__, limits
 from .. import settings as settings_mod
 from ..io import buffer, header, map_images, rawfile
 from ..physics import protocol as protocol_mod
 from ..recon import pipeline as recon
+from . import guard as peer_guard
 from .connection import describe_error, drain, guard, send_error
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,8 @@ def _progress_logger(method: str):
 
 def _reconstruct_scan(buf: buffer.AcquisitionBuffer, rs: settings_mod.ReconSettings,
                       gs: settings_mod.NodeSettings, proto: protocol_mod.Protocol, device,
-                      send: Callable, clock: _Clock, counts: dict) -> None:
+                      send: Callable, clock: _Clock, counts: dict,
+                      check_peer: Callable | None = None) -> None:
     t = time.perf_counter()
     raw = buf.finish()
     scan = raw.to_scan()
@@ -133,8 +135,14 @@ def _reconstruct_scan(buf: buffer.AcquisitionBuffer, rs: settings_mod.ReconSetti
              lines.n_coils, len(lines.frame), lines.acceleration(), int(np.count_nonzero(lines.calib)),
              noise, raw.n_ignored, raw.n_repeated, rs.method, rs.device)
     t = time.perf_counter()
-    result = recon.reconstruct(scan, rs, progress=_progress_logger(rs.method), protocol=proto,
-                               device=device)
+    progress = _progress_logger(rs.method)
+    if check_peer is not None:      # a peer that vanishes during the fit ends it at the next step
+        def progress(it, total, loss, _log=progress):
+            check_peer()
+            _log(it, total, loss)
+    result = recon.reconstruct(scan, rs, progress=progress, protocol=proto, device=device)
+    if check_peer is not None:
+        check_peer()
     total = time.perf_counter() - t
     for name, sec in result.timings.items():
         clock.add(name, sec)
@@ -160,14 +168,26 @@ def _reconstruct_scan(buf: buffer.AcquisitionBuffer, rs: settings_mod.ReconSetti
              len(images), ", ".join(sorted(result.maps)))
 
 
-def process(header_xml, items: Iterable, settings: dict | None, send: Callable) -> None:
+def _check_resources(buf: buffer.AcquisitionBuffer, proto, rs, gs, device) -> None:
+    """The protocol's sizes and the memory estimate against gadget_lorein/limits.py, before any
+    data is read (the header's sizes were checked by the buffer)."""
+    atoms = limits.check_protocol(proto)
+    est = limits.estimate_bytes(buf.nx, buf.ny, buf.nz, buf.n_frames, buf.n_coils or 1,
+                                buf.n_lines_hint or 0, atoms, rs.rank, rs.virtual_coils)
+    limits.check_memory(est, gs.max_memory_gb, device)
+
+
+def process(header_xml, items: Iterable, settings: dict | None, send: Callable,
+            check_peer: Callable | None = None) -> None:
     """Reconstruct a stream: the ISMRMRD XML header (str or bytes), an iterable of acquisitions
     (and anything else, which is passed on), the settings mapping (see the module docstring) and
     ``send(item)``, called with every passed-on item and every output image.
 
     Raises ``SettingsError`` / ``recon.ReconError`` (bad settings, protocol, reconstruction input),
     ``header.MRDError`` (header or data outside the contract, or a stream that ends before
-    ACQ_LAST_IN_MEASUREMENT), or whatever failed; nothing is sent for a failed measurement.
+    ACQ_LAST_IN_MEASUREMENT), ``limits.ResourceError`` (over a limit of gadget_lorein/limits.py),
+    or whatever failed; nothing is sent for a failed measurement. ``check_peer()``, called at every
+    fit step, raises to abandon the reconstruction (a vanished peer).
     """
     t_start = time.perf_counter()
     clock = _Clock()
@@ -179,9 +199,11 @@ def process(header_xml, items: Iterable, settings: dict | None, send: Callable) 
     if isinstance(header_xml, (bytes, bytearray)):
         header_xml = bytes(header_xml).decode("utf-8")
     t = time.perf_counter()
-    buf = buffer.AcquisitionBuffer(header_xml)
+    budget = limits.memory_budget(gs.max_memory_gb)
+    buf = buffer.AcquisitionBuffer(header_xml, max_bytes=budget)
     proto = _check_protocol(buf, rs)
     device = recon.resolve_device(rs.device)
+    _check_resources(buf, proto, rs, gs, device)
     clock.add("header", time.perf_counter() - t)
     log.info("header: protocol %s (%s, %d frames), matrix %dx%dx%d, %s coils", proto.name, proto.kind,
              proto.n_frames, buf.nx, buf.ny, buf.nz, buf.n_coils if buf.n_coils is not None else "?")
@@ -193,7 +215,7 @@ def process(header_xml, items: Iterable, settings: dict | None, send: Callable) 
             counts["passed"] += 1
             continue
         if buf is None:
-            buf = buffer.AcquisitionBuffer(header_xml)
+            buf = buffer.AcquisitionBuffer(header_xml, max_bytes=budget)
         kind = buf.add(item)
         counts["acquisitions"] += 1
         if kind == "noise":
@@ -203,7 +225,7 @@ def process(header_xml, items: Iterable, settings: dict | None, send: Callable) 
             counts["passed"] += 1
         if item.is_flag_set(ismrmrd.ACQ_LAST_IN_MEASUREMENT):
             clock.add("receive", time.perf_counter() - t_read)
-            _reconstruct_scan(buf, rs, gs, proto, device, send, clock, counts)
+            _reconstruct_scan(buf, rs, gs, proto, device, send, clock, counts, check_peer)
             buf = None
             t_read = time.perf_counter()
     clock.add("receive", time.perf_counter() - t_read)
@@ -229,19 +251,24 @@ def reconstruct(connection, settings: dict | None = None) -> None:
     mode, ``lorein serve``) override them. Errors: logged, sent to Gadgetron as ERROR, re-raised."""
     guard(connection)
     state = {"closed": False}
+    watchdog = peer_guard.PeerWatchdog(connection.socket)
 
     def items():
         yield from connection
         state["closed"] = True
 
     try:
-        merged = {**settings_mod.chain_properties(connection.config), **(settings or {})}
+        conf = settings_mod.chain_properties(connection.config)
+        _check_network_protocol(conf, settings)
+        merged = {**conf, **(settings or {})}
         level = str(merged.get("log_level") or "INFO").upper()
         if level in settings_mod.BY_NAME["log_level"].choices:
             _apply_log_level(level)
         log.info("gadget_lorein %s: connection open (settings given: %s)", __version__,
                  ", ".join(f"{k}={v}" for k, v in merged.items()) or "none")
-        process(connection.raw_bytes.header, items(), settings_mod.parse(merged), connection.send)
+        watchdog.start()
+        process(connection.raw_bytes.header, items(), settings_mod.parse(merged), connection.send,
+                watchdog.check)
     except BaseException as err:
         text = describe_error(err) if not isinstance(err, KeyboardInterrupt) else "interrupted"
         log.error("lorein: error: %s", text)
@@ -250,6 +277,19 @@ def reconstruct(connection, settings: dict | None = None) -> None:
                 n = drain(connection)
                 log.info("dropped %d messages after the error, until Gadgetron's CLOSE", n)
         raise
+    finally:
+        watchdog.stop()
+
+
+def _check_network_protocol(config: dict, settings: dict | None) -> None:
+    """A protocol named by the chain's configuration (it comes over the socket) must be a shipped
+    name: file paths are taken only from ``lorein serve``'s own options."""
+    value = str(config.get("protocol") or "").strip()
+    if value and not (settings or {}).get("protocol") and value not in protocol_mod.available():
+        raise settings_mod.SettingsError(
+            f"setting protocol from the chain's configuration must be a shipped protocol name "
+            f"({', '.join(protocol_mod.available())}), not {value[:80]!r}; a YAML file can be given "
+            f"to lorein serve --protocol")
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,16 +6,25 @@ import logging
 import socket
 from typing import Callable
 
+from .. import limits
 from .. import settings as settings_mod
-from . import gadget
+from . import gadget, guard
 from .connection import GuardedSocket, close_message, describe_error, error_message
 
 log = logging.getLogger(__name__)
 
 
-def _listener(port: int, host: str = "") -> socket.socket:
-    """Listening socket as gadgetron.external.listen makes it (AF_INET6 on '', dual stack), with
-    an IPv4 fallback where IPv6 is unavailable."""
+def _listener(port: int, host: str = limits.DEFAULT_HOST) -> socket.socket:
+    """Listening socket: on loopback by default (``limits.DEFAULT_HOST``); on '' as
+    gadgetron.external.listen makes it (AF_INET6, dual stack, all interfaces), with an IPv4
+    fallback where IPv6 is unavailable; on any other address in its own family."""
+    if host:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+        sock.listen(8)
+        return sock
     try:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         try:
@@ -33,7 +42,7 @@ def _listener(port: int, host: str = "") -> socket.socket:
 def _serve_connection(conn_sock: socket.socket, overrides: dict | None) -> None:
     from gadgetron.external import Connection
 
-    guarded = GuardedSocket(conn_sock)
+    guarded = GuardedSocket(conn_sock, limits.CONFIG_TIMEOUT_S)   # the configuration and header
     try:
         connection = Connection(guarded)    # reads the configuration and the header
     except BaseException as err:
@@ -54,13 +63,16 @@ def _serve_connection(conn_sock: socket.socket, overrides: dict | None) -> None:
             conn_sock.close()
 
 
-def serve(port: int, settings: dict | None = None, once: bool = True, host: str = "",
+def serve(port: int, settings: dict | None = None, once: bool = True, host: str = limits.DEFAULT_HOST,
           ready: Callable[[int], None] | None = None) -> None:
-    """Listen on ``port`` (all interfaces, IPv6 and IPv4, as ``gadgetron.external.listen``) and
-    serve Gadgetron's connections with :func:`gadget.reconstruct`; ``settings`` (a mapping,
-    checked here before anything listens) override the chain's. ``once``: serve one connection and
-    return (its error propagates); otherwise serve connections one after another until interrupted
-    (an error ends that connection only). ``ready(port)`` is called once the socket listens."""
+    """Listen on ``port`` (loopback unless ``host`` says otherwise: '' = all interfaces, IPv6 and
+    IPv4, as ``gadgetron.external.listen``, with a warning in the log) and serve Gadgetron's
+    connections with :func:`gadget.reconstruct`; ``settings`` (checked here before anything
+    listens) override the chain's. ``once``: serve one connection in this process and return (its
+    error propagates); otherwise serve each connection in its own process (``node/guard.py``), at
+    most ``limits.MAX_CONNECTIONS`` at once (more are refused with an ERROR), until interrupted.
+    Reads time out (``limits.CONFIG_TIMEOUT_S`` for the configuration and header,
+    ``limits.MESSAGE_TIMEOUT_S`` between messages). ``ready(port)`` is called once it listens."""
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s [lorein serve %(process)d] %(message)s",
                             level=logging.INFO)
@@ -68,21 +80,34 @@ def serve(port: int, settings: dict | None = None, once: bool = True, host: str 
         settings_mod.parse(settings)     # bad overrides fail before anything listens
     listener = _listener(port, host)
     port = listener.getsockname()[1]
+    if not limits.is_loopback(host):
+        log.warning("lorein serve: listening on %s, not only on loopback: anyone who can reach this "
+                    "port can send data to reconstruct", host or "all interfaces")
     log.info("lorein serve: waiting for Gadgetron on port %d (%s)", port,
              "one connection" if once else "until interrupted")
     if ready is not None:
         ready(port)
+    children: list = []
     try:
         while True:
             conn_sock, address = listener.accept()
             log.info("lorein serve: connection from %s", address[0] if address else "?")
-            try:
-                _serve_connection(conn_sock, settings)
-            except Exception:
-                if once:
-                    raise
-                log.info("lorein serve: connection failed; waiting for the next one")
             if once:
+                _serve_connection(conn_sock, settings)
                 return
+            children = [c for c in children if c.poll() is None]
+            if len(children) >= limits.MAX_CONNECTIONS:
+                log.error("lorein serve: refused a connection: %d in progress (limit %d)",
+                          len(children), limits.MAX_CONNECTIONS)
+                guard.refuse(conn_sock, f"busy: {len(children)} connections in progress (limit "
+                             f"{limits.MAX_CONNECTIONS}); try again later")
+                continue
+            try:
+                children.append(guard.spawn(conn_sock, settings))
+            finally:
+                conn_sock.close()
     finally:
         listener.close()
+        for child in children:
+            if child.poll() is None:
+                child.terminate()

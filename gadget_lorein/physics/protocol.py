@@ -72,23 +72,46 @@ def from_dict(params: dict) -> Protocol:
     return Protocol(name=str(params["name"]), kind=params["kind"], params=params, yaml_text=text)
 
 
+MAX_YAML_BYTES = 256 * 1024     # = limits.MAX_PROTOCOL_YAML_BYTES (no import: physics stays standalone)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What is wrong and where (line, column), without echoing the text itself."""
+    mark = getattr(err, "problem_mark", None)
+    what = getattr(err, "problem", None) or type(err).__name__
+    return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(what)
+
+
 def from_yaml(text: str) -> Protocol:
+    """A protocol from YAML text (safe_load; no aliases, at most MAX_YAML_BYTES)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ProtocolError(f"protocol YAML of {len(text)} characters exceeds the limit {MAX_YAML_BYTES}")
     try:
+        if any(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise ProtocolError("protocol YAML uses aliases (*name); write the values out")
         params = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ProtocolError(f"protocol YAML does not parse: {err}") from None
+        raise ProtocolError(f"protocol YAML does not parse: {_yaml_problem(err)}") from None
     proto = from_dict(params)
     return Protocol(proto.name, proto.kind, proto.params, text)
 
 
 def load(name_or_path: str) -> Protocol:
-    """Load a shipped protocol by name (``qalas``, ``mrf``) or a YAML file by path."""
+    """Load a shipped protocol by name (``qalas``, ``mrf``) or a YAML file by path (the operator's
+    own input only: names from the data or the network go through :func:`load_shipped`)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.exists():
         return from_yaml(path.read_text())
+    return load_shipped(name_or_path)
+
+
+def load_shipped(name: str) -> Protocol:
+    """A shipped protocol by name; never a file path (for names that come with the data)."""
+    name_or_path = str(name)
     names = available()
     if name_or_path not in names:
-        raise ProtocolError(f"unknown protocol '{name_or_path}': shipped protocols are {names}, "
-                            "or give the path of a YAML file")
+        shown = name_or_path if len(name_or_path) <= 80 else name_or_path[:77] + "..."
+        raise ProtocolError(f"unknown protocol {shown!r}: shipped protocols are {names} (or "
+                            "inline YAML in userParameter lorein.protocol_yaml)")
     text = resources.files("gadget_lorein.physics.protocols").joinpath(f"{name_or_path}.yaml").read_text()
     return from_yaml(text)

@@ -13,7 +13,6 @@ log T1, log T2, B1; differentiable), so a parameter-map network costs the same f
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import sequences
+from . import cache, sequences
 from .protocol import Protocol
 
 log = logging.getLogger(__name__)
@@ -128,23 +127,24 @@ class SubspaceModel:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LOREIN_CACHE_DIR", Path.home() / ".cache" / "gadget_lorein"))
+    return cache.default_dir()
 
 
 def build_subspace(proto: Protocol, rank: int | None = None, energy: float = 0.999,
                    device="cpu", cache_dir: Path | str | None = "default") -> SubspaceModel:
-    """Dictionary -> basis -> table; cached on disk by protocol hash, rank and energy."""
-    key = f"{proto.name}-{proto.hash}-r{rank or 0}-e{energy:g}.pt"
-    path = None
-    if cache_dir is not None:
-        path = Path(default_cache_dir() if cache_dir == "default" else cache_dir) / key
-        if path.exists():
+    """Dictionary -> basis -> table; cached on disk (physics/cache.py: key = hash of the protocol,
+    rank, energy and code version; plain .npz arrays, nothing unpickled)."""
+    folder = None if cache_dir is None else (default_cache_dir() if cache_dir == "default" else Path(cache_dir))
+    k = cache.key(proto.params, rank, energy)
+    if folder is not None:
+        d = cache.load(folder, k)
+        if d is not None:
             try:
-                d = torch.load(path, map_location=device, weights_only=False)
-                log.info("subspace: loaded %s from cache", path)
-                return SubspaceModel(**d)
-            except Exception as err:  # a broken cache file is rebuilt, not fatal
-                log.warning("subspace: cache %s unreadable (%s); rebuilding", path, err)
+                return SubspaceModel(torch.from_numpy(d["basis"]).to(device), float(d["energy"]),
+                                     torch.from_numpy(d["table"]).to(device), d["t1"], d["t2"], d["b1"],
+                                     str(d["protocol_hash"]))
+            except KeyError as err:
+                log.warning("subspace cache: entry without %s; rebuilding", err)
     t0 = time.perf_counter()
     atoms = simulate_dictionary(proto, device=device)
     t1, t2, b1 = grid_axes(proto)
@@ -158,12 +158,9 @@ def build_subspace(proto: Protocol, rank: int | None = None, energy: float = 0.9
     log.info("subspace: %s, %d atoms x %d frames, rank %d captures %.6f of the energy (%.1f s)",
              proto.name, flat.shape[0], flat.shape[1], basis.shape[1], captured,
              time.perf_counter() - t0)
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({k: getattr(model, k) for k in model.__dataclass_fields__}, tmp)
-            os.replace(tmp, path)
-        except OSError as err:
-            log.warning("subspace: could not write cache %s: %s", path, err)
+    if folder is not None:
+        cache.store(folder, k, {"basis": basis.cpu().numpy(), "energy": np.float64(captured),
+                                "table": table.cpu().numpy(), "t1": t1, "t2": t2, "b1": b1,
+                                "protocol_hash": np.array(proto.hash),
+                                "label": np.array(str(proto.name)[:200])})
     return model

@@ -53,7 +53,7 @@ def choose_protocol(override: str = "", yaml_text: str = "", name: str = "") -> 
             return protocol_mod.load(override)
         if yaml_text:
             return protocol_mod.from_yaml(yaml_text)
-        return protocol_mod.load(name)
+        return protocol_mod.load_shipped(name)   # data names no file paths
     except protocol_mod.ProtocolError as err:
         raise ReconError(str(err)) from None
 
@@ -121,6 +121,11 @@ def prepare(scan: Scan, settings: ReconSettings, timings: dict | None = None,
             raise ReconError(str(err)) from None
         low = np.sqrt((np.abs(ifftnc(torch.from_numpy(calib)).numpy()) ** 2).sum(0))
         support = low > settings.support_threshold * np.percentile(low, 99)
+    ref = getattr(scan, "reference_only", None)
+    if ref is not None and np.any(ref):       # reference-only calibration lines: coil maps only
+        lines = lines.select(~np.asarray(ref, bool))
+        if len(lines.frame) == 0:
+            raise ReconError("the scan has calibration reference lines but no imaging lines")
     held, measured = None, lines
     if settings.holdout > 0 and settings.method in NETWORK_METHODS:
         lines, held = split_lines(lines, settings.holdout, settings.seed)
