@@ -307,8 +307,8 @@ BAD = {
     "close_before_last": (None, _cut(150), "MRDError: the stream ended before ACQ_LAST_IN_MEASUREMENT"),
     "nan": (None, _edit_acq(80, _nan), "MRDError: acquisition (scan_counter 81) contains NaN"),
     "unknown_protocol": (unknown_protocol, None, "ReconError: unknown protocol 'qalas_v9'"),
-    "bad_iterations": ("iterations=abc", None, "ReconError: setting iterations='abc' is not a valid int"),
-    "bad_method": ("method=foo", None, "ReconError: unknown method 'foo'"),
+    "bad_iterations": ("iterations=abc", None, "SettingsError: setting iterations=abc is not an integer"),
+    "bad_method": ("method=foo", None, "SettingsError: setting method=foo must be one of"),
 }
 
 
