@@ -242,16 +242,6 @@ def _cut_copy(raw, path):
     return path
 
 
-def _unknown_protocol_copy(raw, path):
-    import ismrmrd
-    shutil.copyfile(raw, path)
-    with h5py.File(path, "r+") as f:
-        h = ismrmrd.xsd.CreateFromDocument(f["dataset/xml"][0])
-        unknown_protocol(h)
-        f["dataset/xml"][0] = header.header_to_xml(h).encode("utf-8")
-    return path
-
-
 def _header_edit_copy(edit):
     def make(raw, path):
         import ismrmrd
@@ -281,7 +271,7 @@ def _lines_bomb(h):
 
 BAD = {
     "cut_short": (_cut_copy, "MRDError: the stream ended before ACQ_LAST_IN_MEASUREMENT"),
-    "unknown_protocol": (_unknown_protocol_copy, "ReconError: unknown protocol 'qalas_v9'"),
+    "unknown_protocol": (_header_edit_copy(unknown_protocol), "ReconError: unknown protocol 'qalas_v9'"),
     "matrix_4096": (_header_edit_copy(_matrix_bomb),
                     "ResourceError: encoded readout (encodedSpace matrixSize x) = 4096 exceeds the limit"),
     "lines_1e12": (_header_edit_copy(_lines_bomb),

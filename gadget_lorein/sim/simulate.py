@@ -98,6 +98,24 @@ def contrast_images(proto: Protocol, phantom: ph.Phantom, frames=None, b1: bool 
 MODES = ("ideal", "realistic")
 
 
+def _add_noise(data: np.ndarray, sigma: float, cov: np.ndarray, seed: int, n_noise: int):
+    """(lines + receiver noise, noise scan): complex Gaussian noise of ``sigma`` per real and
+    imaginary part, correlated across coils by ``cov``, drawn line samples first, then the noise
+    scan (unit level when sigma is 0), from one generator seeded ``seed + 1``."""
+    n_lines, n_coils, nx = data.shape
+    rng = np.random.default_rng(seed + 1)
+    chol = np.linalg.cholesky(cov)
+
+    def samples(n):
+        w = (rng.standard_normal((n_coils, n)) + 1j * rng.standard_normal((n_coils, n)))
+        return (chol @ w).astype(np.complex64)
+
+    if sigma > 0:
+        w = samples(n_lines * nx).reshape(n_coils, n_lines, nx)
+        data = data + sigma * np.moveaxis(w, 0, 1)
+    return data.astype(np.complex64), (sigma if sigma > 0 else 1.0) * samples(n_noise)
+
+
 def simulate(proto: Protocol, matrix=(64, 64, 48), n_coils=8, accel=16.0, noise=0.01, seed=0,
              calib=None, calib_mode=None, n_noise=512, frame_chunk=8, b1_mismatch=False,
              mode="ideal", snr=30.0, pattern=None) -> Simulation:
@@ -133,12 +151,6 @@ def simulate(proto: Protocol, matrix=(64, 64, 48), n_coils=8, accel=16.0, noise=
     # at once would be frames x volume (630 MB for mrf's 400 TRs at 64x64x48, 5.0 GB at 128x128x96)
     inside, sig = _voxel_signals(proto, phantom, b1=True if b1_mismatch else None)
     sigma = float(noise) * float(sig.abs().max()) if sig.numel() else 0.0
-    rng = np.random.default_rng(seed + 1)
-    chol = np.linalg.cholesky(cov)
-
-    def noise_samples(n):
-        w = (rng.standard_normal((n_coils, n)) + 1j * rng.standard_normal((n_coils, n)))
-        return (chol @ w).astype(np.complex64)
 
     c = torch.from_numpy(coils)
     chunks = []
@@ -153,11 +165,8 @@ def simulate(proto: Protocol, matrix=(64, 64, 48), n_coils=8, accel=16.0, noise=
     z = np.concatenate([a[1] for a in chunks])
     y = np.concatenate([a[2] for a in chunks])
     data = np.concatenate([a[3] for a in chunks])
-    if sigma > 0:
-        w = noise_samples(data.shape[0] * nx).reshape(n_coils, data.shape[0], nx)
-        data = data + sigma * np.moveaxis(w, 0, 1)
-    lines = KSpaceLines(data.astype(np.complex64), f, z, y, calib_region[z, y], n_frames, nz, ny)
-    noise_scan = (sigma if sigma > 0 else 1.0) * noise_samples(n_noise)
+    data, noise_scan = _add_noise(data, sigma, cov, seed, n_noise)
+    lines = KSpaceLines(data, f, z, y, calib_region[z, y], n_frames, nz, ny)
     scan = Scan(lines, noise_scan, proto.yaml_text, proto.name, tuple(phantom.fov_mm))
     return Simulation(scan, phantom, coils, sigma, cov)
 
@@ -349,16 +358,7 @@ def simulate_realistic(proto: Protocol, matrix=(64, 64, 48), n_coils=8, accel=16
         parts.append((f + t0, z, y, np.moveaxis(k[:, f, z, y, :], 0, 1)))
     f, z, y, data = (np.concatenate([a[i] for a in parts]) for i in range(4))
     sigma = 0.0 if snr is None or not np.isfinite(snr) else snr_sigma(np.array(wm_mean), snr)
-    rng = np.random.default_rng(seed + 1)
-
-    def noise_samples(n):
-        w = (rng.standard_normal((n_coils, n)) + 1j * rng.standard_normal((n_coils, n)))
-        return (chol @ w).astype(np.complex64)
-
-    if sigma > 0:
-        w = noise_samples(data.shape[0] * nx).reshape(n_coils, data.shape[0], nx)
-        data = data + sigma * np.moveaxis(w, 0, 1)
-    lines = KSpaceLines(data.astype(np.complex64), f, z, y, region[z, y], n_frames, nz, ny)
-    noise_scan = (sigma if sigma > 0 else 1.0) * noise_samples(n_noise)
+    data, noise_scan = _add_noise(data, sigma, cov, seed, n_noise)
+    lines = KSpaceLines(data, f, z, y, region[z, y], n_frames, nz, ny)
     scan = Scan(lines, noise_scan, proto.yaml_text, proto.name, tuple(truth.fov_mm))
     return Simulation(scan, truth, coils, sigma, cov, mode="realistic", pure=pure)
