@@ -30,7 +30,7 @@ def test_settings_empty_value_means_default_and_bad_values_are_named():
 
 
 def test_network_settings_reach_the_fit(tiny):
-    """The ReconSettings named in recon.FIT_SETTINGS are lorein.FitConfig's fields with the same
+    """The ReconSettings named in settings.FIT_NAMES are lorein.FitConfig's fields with the same
     defaults, and the hash-grid / MLP settings build the networks the fit uses."""
     from gadget_lorein.recon.lorein import fit as lorein, model
     assert recon.fit_config(recon.ReconSettings()) == lorein.FitConfig()

@@ -16,7 +16,7 @@ from ..data import KSpaceLines, Scan
 from ..fft import ifftnc
 from .operators import HeldOutLines, SubspaceOperator
 from ..physics.subspace import SubspaceModel, build_subspace
-from ..settings import FIT_NAMES as FIT_SETTINGS, METHODS, NETWORK_METHODS, ReconSettings  # noqa: F401
+from ..settings import FIT_NAMES, METHODS, NETWORK_METHODS, ReconSettings  # noqa: F401 (the pipeline's names)
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def model_coefficients(result: ReconResult) -> np.ndarray:
 def fit_config(settings: ReconSettings):
     """The network methods' lorein.FitConfig for these settings."""
     from .lorein import fit as lorein
-    return lorein.FitConfig(**{name: getattr(settings, name) for name in FIT_SETTINGS})
+    return lorein.FitConfig(**{name: getattr(settings, name) for name in FIT_NAMES})
 
 
 def finish_maps(maps: dict, support: torch.Tensor) -> tuple[dict, np.ndarray]:
