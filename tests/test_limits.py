@@ -21,7 +21,7 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from conftest import (REPO, PlayResult, _Receiver, chain_copy, gadget_env, header_bytes, play, raw_items,
+from conftest import (REPO, PlayResult, _Receiver, chain_copy, gadget_env, header_bytes, raw_items,
                       read_chain, stop_process, wait_listening)
 from gadget_lorein import limits
 from gadget_lorein.io import buffer, header
