@@ -31,13 +31,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gadget_lorein import limits  # noqa: E402
+from gadget_lorein import limits, settings  # noqa: E402
 from gadget_lorein.io import header, rawfile  # noqa: E402
 from gadget_lorein.node import gadget  # noqa: E402
 from gadget_lorein.physics import protocol  # noqa: E402
 from gadget_lorein.recon import calibration, pipeline  # noqa: E402
 
-CLEAN = (header.MRDError, pipeline.ReconError, gadget.SettingsError, limits.ResourceError,
+CLEAN = (header.MRDError, pipeline.ReconError, settings.SettingsError, limits.ResourceError,
          protocol.ProtocolError, calibration.CalibrationError)
 FLAGS = list(range(1, 33))
 

@@ -201,3 +201,16 @@ def test_accuracy_skips_bart_with_a_note_when_not_on_path(monkeypatch):
     monkeypatch.setattr(acc.shutil, "which", lambda name: None)
     assert acc.choose_methods(["cg", "bart"]) == (["cg"], ["bart skipped: not on PATH"])
     assert acc.choose_methods(None) == (acc.METHODS, [])
+
+
+def test_mutation_run_smoke(tmp_path):
+    """benchmarks/mutation.py runs on the package as it stands (a few hundred mutated acquisitions):
+    every trial ends cleanly, no crash and no hang."""
+    import os
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mutation.py"), "--acquisitions", "300"],
+                         cwd=REPO, env=dict(os.environ, LOREIN_CACHE_DIR=str(tmp_path)),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert " crash        0" in run.stdout and " hang         0" in run.stdout, run.stdout
