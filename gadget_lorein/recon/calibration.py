@@ -103,7 +103,7 @@ def lowres_maps(calib: np.ndarray, eps: float = 1e-3) -> np.ndarray:
 def espirit_maps(calib: np.ndarray, kernel_width: int = 4, thresh: float = 0.02) -> np.ndarray:
     """ESPIRiT sensitivities (SigPy's EspiritCalib) from the calibration region, without the
     eigenvalue crop (a crop zeroes the maps over parts of the brain with small calibration
-    regions; see NOTES), normalised to unit root-sum-of-squares."""
+    regions), normalised to unit root-sum-of-squares."""
     import sigpy.mri
 
     z0, z1, y0, y1 = _calib_box(calib)

@@ -135,7 +135,7 @@ def simulate(proto: Protocol, matrix=(64, 64, 48), n_coils=8, accel=16.0, noise=
     phantom = ph.head_phantom((nx, ny, nz), seed=seed)
     coils = ph.coil_sensitivities((nz, ny, nx), n_coils, seed=seed).astype(np.complex64)
     # prescan normalisation (as a body-coil reference scan gives): unit root-sum-of-squares, so
-    # the reconstructed PD is PD itself rather than PD x the receive field (see NOTES)
+    # the reconstructed PD is PD itself rather than PD x the receive field
     coils = coils / np.sqrt((np.abs(coils) ** 2).sum(0, keepdims=True)).clip(1e-12)
     cov = ph.noise_covariance(n_coils, seed=seed)
     n_frames = proto.n_frames
