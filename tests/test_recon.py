@@ -92,7 +92,9 @@ def test_coil_batches_give_the_same_fit(tiny):
     order grows over the steps: on an AVX-512 machine one of 3072 voxels, T1 103.0 vs 103.6 ms at
     the range's lower end, after 5 steps; with the default held-out lines, 7 of 3072 voxels' T2,
     by up to 0.8 %, after 5 steps on that machine, 0 with every line fitted: Adam's first steps
-    are nearly sign steps, so where a gradient element is near zero the rounding can flip one.)"""
+    are nearly sign steps, so where a gradient element is near zero the rounding can flip one.
+    Maps matched to the dictionary, a short series' output, can then move to the neighbouring
+    dictionary entry: one of 1536 voxels' T1 by 1.1 % of the largest T1 on an AMD EPYC.)"""
     _, _, op, _, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lorein"))
     g = torch.Generator().manual_seed(0)
     x = torch.randn((op.K,) + op.shape, generator=g, dtype=torch.complex64)
@@ -106,7 +108,7 @@ def test_coil_batches_give_the_same_fit(tiny):
     for k in a.maps:
         close = np.isclose(a.maps[k], b.maps[k], rtol=1e-3, atol=1e-3 * np.abs(a.maps[k]).max())
         worst = np.max(np.abs(a.maps[k] - b.maps[k])) / np.abs(a.maps[k]).max()
-        assert close.mean() > 0.995 and worst < 0.01, (k, close.mean(), worst)
+        assert close.mean() > 0.995 and worst < 0.03, (k, close.mean(), worst)
 
 
 def test_nan_in_data_is_refused(tiny):
@@ -305,18 +307,35 @@ def test_holdout_returns_the_maps_of_the_last_good_held_out_check(tiny):
 
 def test_without_the_coupling_lorein_maps_are_pmr_maps(tiny):
     """The LRR block reaches LoREIN's maps only through the coupling: with the coupling weight at 0,
-    lorein's maps are pmr's bit for bit (same seed), because PMR's data term alone fits the coil-map
+    lorein's maps taken from PMR (output pmr) are pmr's bit for bit (same seed), because PMR's data
+    term alone fits the coil-map
     correction (``coil_from_lrr`` off). With the LRR data term fitting it too (the build before
     that change), they are not: at high R that shared correction, not the coupling, cost LoREIN
     brain T1 against PMR (lorein.py's docstring, Coil maps)."""
     from gadget_lorein.recon.lorein import fit as lorein
     proto, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lorein", device="cpu"))
     fit = lambda method, **kw: lorein.fit(method, op, sub, support, proto.encodes_b1, iterations=10,  # noqa: E731
-                                          config=lorein.FitConfig(couple_weight=0.0, **kw))[0]
+                                          config=lorein.FitConfig(couple_weight=0.0, output="pmr", **kw))[0]
     pmr, joint, shared = fit("pmr"), fit("lorein"), fit("lorein", coil_from_lrr=True)
     for k in pmr:
         assert torch.equal(joint[k], pmr[k]), k
     assert not all(torch.equal(shared[k], pmr[k]) for k in pmr)
+
+
+def test_series_defaults(tiny):
+    """"auto" output and LLR weight follow the series length: a short series (qalas-type) takes the
+    maps from the LRR block under the locally low-rank penalty, a long one (MRF-type) from PMR; auto gives exactly the explicit settings, and the penalty changes the maps."""
+    from gadget_lorein.recon.lorein import fit as lorein
+    assert lorein.series_defaults(5) == dict(output="lrr", llr_weight=2.0)
+    assert lorein.series_defaults(lorein.SHORT_SERIES + 1) == dict(output="pmr", llr_weight=0.0)
+    proto, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lorein", device="cpu"))
+    assert sub.basis.shape[0] <= lorein.SHORT_SERIES
+    fit = lambda **kw: lorein.fit("lorein", op, sub, support, proto.encodes_b1, iterations=10,  # noqa: E731
+                                  config=lorein.FitConfig(**kw))[0]
+    auto, explicit, plain = fit(), fit(output="lrr", llr_weight=2.0), fit(output="lrr", llr_weight=0.0)
+    for k in auto:
+        assert torch.equal(auto[k], explicit[k]), k
+    assert not all(torch.equal(auto[k], plain[k]) for k in auto)
 
 
 def test_lrr_finest_sets_lorein_lrr_grid_and_lrr_alone_keeps_the_full_grid(tiny):

@@ -1,9 +1,11 @@
 """The LoREIN fit (arXiv 2506.09100): the LRR and PMR blocks (:mod:`.model`) fitted jointly to the
 measured k-space, scan-specifically. Methods: ``lorein`` (both blocks, tied by a coupling term; maps
-from PMR), ``pmr`` (PMR alone), ``lrr`` (LRR alone, then dictionary matching).
+from PMR for a long series, from the LRR block matched to the dictionary for a short one:
+``series_defaults``), ``pmr`` (PMR alone), ``lrr`` (LRR alone, then dictionary matching).
 
-Objective, relative to ||y||^2: DC(X_lrr) + DC(X_pmr) + couple_weight * density * ||X_pmr - X_lrr||^2,
-DC computed in the subspace (operators.py). Start: a linear estimate, matched to the dictionary and
+Objective, relative to ||y||^2: DC(X_lrr) + DC(X_pmr) + couple_weight * density * ||X_pmr - X_lrr||^2
++ lambda * sum over randomly shifted blocks of ||X_lrr block||_* (short series: the llr baseline's
+locally low-rank prior on the LRR block), DC computed in the subspace (operators.py). Start: a linear estimate, matched to the dictionary and
 smoothed. Adam on a cosine schedule whose length (``default_iterations``) is the main regulariser;
 held-out lines choose the state returned. Deterministic on the CPU for a given seed. docs/design.md
 explains each choice and benchmarks/RESULTS.md holds the measurements behind it.
@@ -48,8 +50,9 @@ class FitConfig:
     init_cg_iterations: int = 20
     init: str = "cg"          # linear estimate the maps start from: zerofill | cg | llr
     init_llr_iterations: int = 40    # init "llr": FISTA steps of the locally low-rank start
-    output: str = "pmr"              # maps from: pmr | lrr (LRR coefficients matched) | guard (PMR,
+    output: str = "auto"             # maps from: pmr | lrr (LRR coefficients matched) | guard (PMR,
     #                                  but matched LRR where the two disagree by more than ``guard``)
+    #                                  | auto (series_defaults)
     guard: float = 0.4               # output "guard": |log(T_pmr / T_lrr)| above this -> LRR's maps
     patience: int = 40
     tol: float = 1e-4
@@ -67,6 +70,10 @@ class FitConfig:
     b1_smooth: float = 4.0           # separate sigma for the initial B1 map (a smooth field); 0 = init_smooth
     lrr_init: str = "maps"            # LRR start: cg (linear estimate) | maps (the PMR start's coefficients)
     coil_lr: float = 2e-3            # Adam step of the coil-map correction
+    llr_weight: float = -1.0         # lorein/lrr: locally low-rank penalty on the LRR block's coefficient
+    #                                  images, in units of the llr baseline's lambda (0: off; < 0:
+    #                                  series_defaults)
+    llr_block: int = 6               # its block size (voxels per axis), randomly shifted each step
     coil_from_lrr: bool = False      # lorein: the LRR data term fits the coil correction too (module
     #                                  docstring, Coil maps: off, PMR's data term alone fits it)
 
@@ -153,18 +160,38 @@ def fit(method: str, op: SubspaceOperator, sub: SubspaceModel, support: torch.Te
         torch.use_deterministic_algorithms(previous)
 
 
+SHORT_SERIES = 32      # frames: a series this short (qalas-type) takes the short-series defaults
+
+
+def series_defaults(n_frames: int) -> dict:
+    """The fit's defaults that depend on the series length ("auto" in FitConfig). A short series
+    (a few contrasts) encodes each voxel weakly: at scanner-like SNR and with partial volume the
+    PMR block reaches for the ends of its range in mixed voxels, so the maps come from the LRR
+    block's coefficients, matched to the dictionary, and the LRR block carries a locally low-rank
+    penalty (the llr baseline's prior on a network's output). A long series (MRF-type) encodes T1
+    and T2 well enough for the physics block, whose maps are the output; the penalty and the LRR
+    output (or a guard by it) cost accuracy there. docs/design.md gives the measurements."""
+    if n_frames <= SHORT_SERIES:
+        return dict(output="lrr", llr_weight=2.0)
+    return dict(output="pmr", llr_weight=0.0)
+
+
 def default_iterations(n_frames: int) -> int:
     """Steps of the cosine schedule when none are asked for. On realistic scans (partial volume,
     an unmodelled transmit field, SNR 15-30) the maps get worse past a few hundred steps while the
     held-out loss still falls: the networks fit model error, which the held-out lines share. A
     short schedule is the regulariser; long series (MRF) carry more data per voxel and take more
     steps before that point (docs/design.md, benchmarks/RESULTS.md)."""
-    return 200 if n_frames <= 32 else 400
+    return 200 if n_frames <= SHORT_SERIES else 400
 
 
 def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, config, monitor=None):
     cfg = config or FitConfig()
-    iterations = iterations or cfg.iterations or default_iterations(sub.basis.shape[0])
+    n_frames = sub.basis.shape[0]
+    iterations = iterations or cfg.iterations or default_iterations(n_frames)
+    auto = series_defaults(n_frames)
+    output = auto["output"] if cfg.output == "auto" else cfg.output
+    llr_weight = auto["llr_weight"] if cfg.llr_weight < 0 else cfg.llr_weight
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     if cfg.init == "cg":
@@ -237,6 +264,20 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
         held_log.append((step, losses))
         return losses["pmr" if use_pmr else "lrr"]
 
+    llr_lam, llr_gen = 0.0, torch.Generator().manual_seed(seed + 3)
+    if use_lrr and llr_weight:
+        with torch.no_grad():
+            zf = baselines._blocks(baselines.zero_filled(op), cfg.llr_block)
+            s_ref = float(torch.linalg.svdvals(zf)[:, 0].quantile(0.9))
+        # the llr baseline minimises ||Ax-y||^2/2 + lam sum ||X_b||_*; data_loss is ||Ax-y||^2
+        llr_lam = 2 * llr_weight * 0.01 * s_ref * density
+
+    def llr_penalty(x_vox):
+        vol = scatter(x_vox, support)
+        shift = tuple(int(v) for v in torch.randint(0, cfg.llr_block, (3,), generator=llr_gen))
+        blocks = baselines._blocks(torch.roll(vol, shifts=shift, dims=(1, 2, 3)), cfg.llr_block)
+        return torch.linalg.svdvals(blocks).sum()
+
     rule = HeldOutRule(cfg.holdout_tol, cfg.holdout_patience)
     held_state, held_log = None, []
     if held is not None:
@@ -255,6 +296,8 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
             x = lrr()
             loss = loss + op.data_loss(scatter(x, support), coils,
                                        maps.detach() if maps is not None and lrr_coils_fixed else maps) / y2
+        if llr_lam:
+            loss = loss + llr_lam * llr_penalty(x) / y2
         if use_pmr:
             pm = pmr()
             xp = pmr.coefficients(pm)
@@ -291,9 +334,9 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
             m.load_state_dict(state)
     with torch.no_grad():
         m = pmr() if use_pmr else sub.match(lrr())   # maps from PMR, or matched LRR coefficients
-        if use_pmr and use_lrr and cfg.output != "pmr":
+        if use_pmr and use_lrr and output != "pmr":
             ml = sub.match(lrr())
-            if cfg.output == "lrr":
+            if output == "lrr":
                 m = ml
             else:
                 off = ((m["t1"] / ml["t1"]).log().abs() > cfg.guard) | \
