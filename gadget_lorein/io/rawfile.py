@@ -16,8 +16,9 @@ import numpy as np
 from ismrmrd.hdf5 import acquisition_dtype, acquisition_header_dtype
 
 from ..data import KSpaceLines
-from .buffer import _NOISE_BIT, AcquisitionBuffer, RawScan, _bit, _pad_readout
-from .header import BANDWIDTH_PER_PIXEL_HZ, MRDError, _vec3, build_header
+from .buffer import AcquisitionBuffer
+from .header import BANDWIDTH_PER_PIXEL_HZ, MRDError, RawScan, _vec3, build_header
+from .readout import NOISE_BIT, bit, pad_readout
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def write_raw(path, kspace, mask, calib_region_mask, noise, protocol_name: str,
             rows = np.zeros(n_noise, dtype=acquisition_dtype)
             heads = np.zeros(n_noise, dtype=acquisition_header_dtype)
             _fill_common_head(heads, n_coils, n_samples, dwell_us, measurement_uid)
-            heads["flags"] = _NOISE_BIT
+            heads["flags"] = NOISE_BIT
             heads["scan_counter"] = np.arange(1, n_noise + 1)
             heads["acquisition_time_stamp"] = stamp0 + np.arange(n_noise)
             rows["head"] = heads
@@ -159,7 +160,7 @@ def write_raw(path, kspace, mask, calib_region_mask, noise, protocol_name: str,
         for s in range(0, n_lines, block):
             sel = slice(s, min(s + block, n_lines))
             m = sel.stop - sel.start
-            data = _pad_readout(gather(sel), n_samples)             # (m, coils, n_samples)
+            data = pad_readout(gather(sel), n_samples)             # (m, coils, n_samples)
             heads = np.zeros(m, dtype=acquisition_header_dtype)
             _fill_common_head(heads, n_coils, n_samples, dwell_us, measurement_uid)
             idx = heads["idx"]
@@ -169,18 +170,18 @@ def write_raw(path, kspace, mask, calib_region_mask, noise, protocol_name: str,
             li = np.arange(sel.start, sel.stop)
             heads["scan_counter"] = n_noise + 1 + li
             heads["acquisition_time_stamp"] = stamp0 + n_noise + 10 + li
-            flags = np.where(calib[sel], np.uint64(_bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)),
+            flags = np.where(calib[sel], np.uint64(bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)),
                              np.uint64(0))
             fr = frame[sel]
             prev_fr = np.where(li == 0, -1, frame[np.maximum(li - 1, 0)])
             next_fr = np.where(li == n_lines - 1, -1, frame[np.minimum(li + 1, n_lines - 1)])
-            flags |= np.where(fr != prev_fr, np.uint64(_bit(ismrmrd.ACQ_FIRST_IN_CONTRAST)), np.uint64(0))
-            flags |= np.where(fr != next_fr, np.uint64(_bit(ismrmrd.ACQ_LAST_IN_CONTRAST)), np.uint64(0))
+            flags |= np.where(fr != prev_fr, np.uint64(bit(ismrmrd.ACQ_FIRST_IN_CONTRAST)), np.uint64(0))
+            flags |= np.where(fr != next_fr, np.uint64(bit(ismrmrd.ACQ_LAST_IN_CONTRAST)), np.uint64(0))
             if sel.start == 0:
-                flags[0] |= np.uint64(_bit(ismrmrd.ACQ_FIRST_IN_SLICE) | _bit(ismrmrd.ACQ_FIRST_IN_REPETITION))
+                flags[0] |= np.uint64(bit(ismrmrd.ACQ_FIRST_IN_SLICE) | bit(ismrmrd.ACQ_FIRST_IN_REPETITION))
             if sel.stop == n_lines:
-                flags[-1] |= np.uint64(_bit(ismrmrd.ACQ_LAST_IN_SLICE) | _bit(ismrmrd.ACQ_LAST_IN_REPETITION)
-                                       | _bit(ismrmrd.ACQ_LAST_IN_MEASUREMENT))
+                flags[-1] |= np.uint64(bit(ismrmrd.ACQ_LAST_IN_SLICE) | bit(ismrmrd.ACQ_LAST_IN_REPETITION)
+                                       | bit(ismrmrd.ACQ_LAST_IN_MEASUREMENT))
             heads["flags"] = flags
             rows = np.zeros(m, dtype=acquisition_dtype)
             rows["head"] = heads
