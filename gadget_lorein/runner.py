@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from .metrics import nrmse_table
-from .sim.files import MAP_ORDER, load_truth, noise_text, simulate_to_files, simulation_plan
+from .data import MAP_NAMES
+from .sim.files import load_truth, noise_text, simulate_to_files, simulation_plan
 from .usage import UsageError, check_input, check_output
 
 DEMO_GROUP = "demo"
@@ -75,7 +76,7 @@ def run_recon(raw, out, settings: dict, group: str | None, say=None):
     images = gadget.recon_file(str(raw), str(out), settings, group=group)
     seconds = time.perf_counter() - t0
     maps = map_images.images_to_maps([im for im in images if int(im.image_series_index) < 100])
-    say(f"reconstructed {', '.join(k for k in MAP_ORDER if k in maps)} in {seconds:.1f} s -> {out}")
+    say(f"reconstructed {', '.join(k for k in MAP_NAMES if k in maps)} in {seconds:.1f} s -> {out}")
     return maps, images, seconds
 
 
@@ -115,7 +116,7 @@ def cmd_recon(args) -> int:
         method = settings.recon.method
         plots.maps_figure(maps, png, truth=truth, title=f"{method} reconstruction of {raw.name}")
         tell(args, f"wrote {png}")
-    print(f"{out}: {len(images)} images ({', '.join(k for k in MAP_ORDER if k in maps)}), "
+    print(f"{out}: {len(images)} images ({', '.join(k for k in MAP_NAMES if k in maps)}), "
           f"{seconds:.1f} s")
     return 0
 

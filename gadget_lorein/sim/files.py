@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..data import MAP_NAMES
 from ..usage import UsageError, check_input
 
 SEQUENCES = ("qalas", "mrf")
@@ -13,7 +14,6 @@ DEFAULT_ACCEL = {"qalas": 8.0, "mrf": 200.0}   # where the default method leads 
 DEFAULT_SNR = 30.0       # realistic mode: white matter's SNR in the brightest contrast
 DEFAULT_NOISE = 0.01     # ideal mode: noise sd relative to the largest image magnitude
 MATRIX_MIN, MATRIX_MAX = 8, 512
-MAP_ORDER = ("T1", "T2", "PD", "B1")
 
 
 def check_matrix(matrix) -> tuple[int, int, int]:
@@ -101,7 +101,7 @@ def truth_arrays(sim, proto) -> dict:
     (0 background, 1 WM, 2 GM, 3 CSF, 4 lesion), brain_mask, and fov_mm / protocol / matrix."""
     import numpy as np
     t = sim.truth()
-    out = {k: np.asarray(t[k], np.float32) for k in MAP_ORDER if k in t}
+    out = {k: np.asarray(t[k], np.float32) for k in MAP_NAMES if k in t}
     out["labels"] = np.asarray(t["labels"], np.uint8)
     out["brain_mask"] = np.asarray(t["labels"] > 0)
     if "pure" in t:         # realistic mode: voxels without partial volume
