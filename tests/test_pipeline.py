@@ -1,4 +1,5 @@
-"""The reconstruction path: settings, device fallback, and LoREIN against the baselines."""
+"""recon/pipeline.py, the reconstruction path: settings, device fallback, the typed maps it returns,
+and LoREIN against the baselines."""
 from unittest import mock
 
 import numpy as np
@@ -354,3 +355,17 @@ def test_held_out_rule_goes_back_past_a_minimum_and_runs_on_along_a_plateau():
     rule = HeldOutRule(0.01, 200)
     plateau = [(440, .000874), (460, .000876), (480, .000872), (500, .000875), (700, .000871), (900, .000872)]
     assert [rule.update(s, v) for s, v in plateau] == ["keep"] * 6 and rule.kept == 900
+
+
+def test_the_result_is_typed_maps_with_the_support_as_mask(tiny):
+    """ReconResult.maps is a data.Maps: T1, T2, PD (B1 None for qalas, which does not encode it),
+    zero outside the mask, which is the result's support; as_dict() names them as images do."""
+    res = recon.reconstruct(tiny.scan, recon.ReconSettings(method="zerofill"))
+    maps = res.maps
+    assert isinstance(maps, recon.Maps) and maps.b1 is None
+    assert res.support is maps.mask and maps.mask.dtype == bool and maps.mask.any()
+    assert list(maps.as_dict()) == ["T1", "T2", "PD"]
+    for v in (maps.t1, maps.t2, maps.pd):
+        assert v.dtype == np.float32 and v.shape == maps.mask.shape and not v[~maps.mask].any()
+    again = recon.Maps.from_dict(maps.as_dict(), maps.mask)
+    assert again.as_dict().keys() == maps.as_dict().keys() and again.b1 is None
