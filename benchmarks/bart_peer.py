@@ -108,6 +108,5 @@ def reconstruct(scan, lam: float = LAMBDA,
     proto, sub, _op, support, info = recon.prepare(scan, settings)
     x = torch.from_numpy(coefficients(scan, sub, lam, iters))
     maps = recon.match_maps(sub, x, support, proto.encodes_b1)
-    out, sup = recon.finish_maps(maps, support)
     info.update(method="bart", bart_lambda=lam, bart_iterations=iters)
-    return recon.ReconResult(out, sup, {}, info)
+    return recon.ReconResult(recon.finish_maps(maps, support), {}, info)

@@ -66,7 +66,7 @@ def main(argv=None):
                     t0 = time.perf_counter()
                     res = recon.reconstruct(sim.scan, recon.ReconSettings(method=b, seed=seed,
                                                                           device=str(dev)))
-                    runs.append((b, res.maps, time.perf_counter() - t0, {}))
+                    runs.append((b, res.maps.as_dict(), time.perf_counter() - t0, {}))
                     report(case, snr, seed, *runs[-1], truth, rows, out)
                 prepared = {}
                 for name, method, over in variants:
@@ -79,7 +79,7 @@ def main(argv=None):
                     cfg = lorein.FitConfig(**over)
                     maps, info = lorein.fit(method, op, sub, support, proto_.encodes_b1, seed=seed,
                                             config=cfg)
-                    maps, _ = recon.finish_maps(maps, support)
+                    maps = recon.finish_maps(maps, support).as_dict()
                     if dev.type == "cuda":
                         torch.cuda.synchronize()
                     report(case, snr, seed, name, maps, time.perf_counter() - t0,

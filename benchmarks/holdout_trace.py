@@ -68,7 +68,7 @@ def main(argv=None):
     def monitor(step, losses, m):
         if args.method == "lrr":
             m = sub.match(m)
-        out, _ = recon.finish_maps(model.map_volumes(m, support, proto.encodes_b1), support)
+        out = recon.finish_maps(model.map_volumes(m, support, proto.encodes_b1), support)
         err = {r: metrics.map_errors(out, truth, r) for r in ("brain", "tissue")}
         trace.append((step, losses[blocks[0]]))
         print(f"| {step} | " + " | ".join(f"{losses[b]:.6f}" for b in blocks) + " | "

@@ -229,14 +229,14 @@ def node_path(raw_path: str, settings: dict, threads: int = 0, cold_subspace: bo
 
     if images:
         t = time.perf_counter()
-        imgs = map_images.maps_to_images(result.maps, raw.geometry, method=rs.method,
+        imgs = map_images.maps_to_images(result.maps.as_dict(), raw.geometry, method=rs.method,
                                   extra={"LOREIN_Protocol": result.info.get("protocol", "")})
         st["image_output"] = time.perf_counter() - t
         out["n_images"] = len(imgs)
     out["peak_rss_mb"] = peak_rss_mb()
     out["peak_device_mb"] = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None)
     out["voxels"] = int(np.count_nonzero(result.support))
-    out["maps"] = result.maps
+    out["maps"] = result.maps.as_dict()
     out["info"] = {k: v for k, v in result.info.items() if k != "settings"}
     out["final_loss"] = losses[-1] if losses else None
     out["shape"] = tuple(raw.geometry.shape)
@@ -575,7 +575,7 @@ def variants_section(args, dev, ctx: dict) -> str:
         sync(dev)
         t_fit = time.perf_counter() - t
         per_it = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
-        out, _ = recon.finish_maps(maps, support)
+        out = recon.finish_maps(maps, support).as_dict()
         keys = nrmse_keys(out, truth)
         mem = f"{torch.cuda.max_memory_allocated(dev) / 2**20:.0f} MB" if dev.type == "cuda" else "-"
         rows.append([spec, f"{info['coils']} coils, prepare {fmt_s(t_prep)}", fit_info["iterations"],

@@ -1,4 +1,5 @@
-"""The ``lorein`` command line: simulate, recon, replay, serve, demo.
+"""The ``lorein`` command line: simulate, recon, replay, serve, demo (the arguments and main();
+what each command does is in gadget_lorein/runner.py).
 
     lorein simulate --sequence qalas -o raw.h5 --truth truth.npz --png preview.png
     lorein recon raw.h5 -o maps.h5 --truth truth.npz --png maps.png
@@ -11,8 +12,8 @@ unwritable output, a setting or protocol the reconstruction cannot use, data out
 reported as one line on stderr; 1 an unexpected failure (one line; the traceback with
 ``--verbose`` or LOREIN_DEBUG=1); 130 interrupted.
 
-Heavy modules (torch, the reconstruction, the gadget) are imported inside the commands, after the
-arguments have been checked, so that mistakes are reported at once.
+Heavy modules (torch, the reconstruction, the gadget) are imported inside the commands
+(runner.py), after the arguments have been checked, so that mistakes are reported at once.
 """
 from __future__ import annotations
 
@@ -21,25 +22,19 @@ import logging
 import math
 import os
 import sys
-import time
 import traceback
-from pathlib import Path
 
 from . import __version__
 
-from .sim.files import (DEFAULT_ACCEL, DEFAULT_NOISE, DEFAULT_SNR, MAP_ORDER, MATRIX_MAX, MATRIX_MIN,
-                        SEQUENCES, UsageError, noise_text,
-                        check_input as _check_input, check_output as _check_output,
-                        check_truth_matrix as _check_truth_matrix,
-                        check_truth_shape as _check_truth_shape, load_truth, nrmse_table, run_recon,
-                        simulate_to_files, simulation_plan)
+from . import runner
+from .sim.files import DEFAULT_ACCEL, DEFAULT_NOISE, DEFAULT_SNR, MATRIX_MAX, MATRIX_MIN, SEQUENCES
+from .usage import UsageError
 
 PROG = "lorein"
 DEFAULT_MATRIX = (64, 64, 48)
 # The demo's default size: the whole demo (simulation, LoREIN fit on CPU, figure) in a few minutes
 # on 2 cores (measured timings in README.md).
 DEMO_MATRIX = (48, 48, 32)
-DEMO_GROUP = "demo"
 COILS_MAX = 128
 
 log = logging.getLogger("gadget_lorein.cli")
@@ -105,165 +100,6 @@ def _setup_logging(args) -> None:
         root.addHandler(handler)
         root.setLevel(logging.WARNING)
     logging.getLogger("gadget_lorein").setLevel(level)
-
-
-def _say(args, text: str) -> None:
-    """A progress line on stderr (not with --quiet)."""
-    if not getattr(args, "quiet", False):
-        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------------
-# simulate
-# --------------------------------------------------------------------------------------------
-
-def cmd_simulate(args) -> int:
-    raw = _check_output(args.output, "raw file")
-    truth = _check_output(args.truth, "truth file") if args.truth else None
-    png = _check_output(args.png, "figure") if args.png else None
-    proto, plan = simulation_plan(args)
-    _, n = simulate_to_files(proto, plan, raw, truth, png, oversampling=args.oversampling,
-                             say=lambda t: _say(args, t))
-    print(f"{raw}: {proto.name}, {n} acquisitions, matrix {'x'.join(map(str, plan['matrix']))}, "
-          f"{plan['n_coils']} coils, R = {plan['accel']:g}")
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
-# recon
-# --------------------------------------------------------------------------------------------
-
-def _settings(args):
-    """The settings given on the command line, parsed by the one validator (settings.parse)."""
-    from . import settings as settings_mod
-    try:
-        return settings_mod.parse(settings_mod.from_args(args), unknown="error")
-    except settings_mod.SettingsError as err:
-        raise UsageError(str(err)) from None
-
-
-def cmd_recon(args) -> int:
-    raw = _check_input(args.input, "raw file")
-    out = _check_output(args.out, "output")
-    png = _check_output(args.png, "figure") if args.png else None
-    truth = load_truth(args.truth) if args.truth else None
-    if out.resolve() == raw.resolve():
-        raise UsageError("the output file must not be the raw file")
-    settings = _settings(args)
-    if truth is not None:
-        _check_truth_matrix(raw, truth, args.truth)
-    _say(args, f"reconstructing {raw} ({settings.recon.method})")
-    maps, images, seconds = run_recon(raw, out, settings, args.group, say=lambda t: _say(args, t))
-    if truth is not None:
-        _check_truth_shape(maps, truth, args.truth)
-        print(nrmse_table(maps, truth))
-    if png:
-        from . import plots
-        method = settings.recon.method
-        plots.maps_figure(maps, png, truth=truth, title=f"{method} reconstruction of {raw.name}")
-        _say(args, f"wrote {png}")
-    print(f"{out}: {len(images)} images ({', '.join(k for k in MAP_ORDER if k in maps)}), "
-          f"{seconds:.1f} s")
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
-# replay, serve
-# --------------------------------------------------------------------------------------------
-
-def cmd_replay(args) -> int:
-    from .node import replay
-    _check_input(args.input, "raw file")
-    if args.config_local:
-        _check_input(args.config_local, "chain file", hdf5=False)
-    if not 0 < args.port <= 65535:
-        raise UsageError(f"--port {args.port}: a TCP port (1-65535) expected")
-    _check_output(args.outfile, "output")
-    return replay.run_replay(args)
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Bind (and close) a socket as the gadget will, so that a busy port is reported at once."""
-    import socket
-    if port == 0:
-        return
-    families = [socket.AF_INET6, socket.AF_INET] if not host or ":" in host else [socket.AF_INET]
-    for fam in families:
-        try:
-            sock = socket.socket(fam, socket.SOCK_STREAM)
-        except OSError:
-            continue
-        with sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as err:
-                raise UsageError(f"cannot listen on port {port}: {err.strerror or err}") from None
-        return
-
-
-def cmd_serve(args) -> int:
-    from .node import server
-    from .settings import from_args
-    _settings(args)
-    _check_port_free(args.host, args.port)
-    try:
-        server.serve(args.port, from_args(args) or None, once=not args.forever, host=args.host)
-    except OSError as err:
-        if getattr(err, "errno", None) in (98, 99, 13):   # in use, cannot assign, permission
-            raise UsageError(f"cannot listen on port {args.port}: {err.strerror or err}") from None
-        raise
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
-# demo
-# --------------------------------------------------------------------------------------------
-
-def cmd_demo(args) -> int:
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot create {out}: {err.strerror or err}") from None
-    _check_output(out / "raw.h5", "demo file")
-    args.calib = None
-    proto, plan = simulation_plan(args)
-    settings = _settings(args)
-    method = settings.recon.method
-    raw, truth_path = out / "raw.h5", out / "truth.npz"
-    maps_path, png = out / "maps.h5", out / "maps.png"
-    t_all = time.perf_counter()
-    say = (lambda t: _say(args, t))
-    say(f"demo 1/3: simulate ({proto.name}) -> {raw}")
-    t0 = time.perf_counter()
-    sim, _ = simulate_to_files(proto, plan, raw, truth_path, out / "simulation.png", say=say)
-    t_sim = time.perf_counter() - t0
-    say(f"demo 2/3: reconstruct through the gadget (method {method}) -> {maps_path}")
-    if maps_path.exists():
-        maps_path.unlink()
-    maps, images, t_rec = run_recon(raw, maps_path, settings, DEMO_GROUP, say=say)
-    say(f"demo 3/3: compare with the truth -> {png}")
-    truth = load_truth(truth_path)
-    _check_truth_shape(maps, truth, truth_path)
-    from . import plots
-    nx, ny, nz = plan["matrix"]
-    plots.maps_figure(maps, png, truth=truth,
-                      title=f"{method} | {proto.name}, {nx}x{ny}x{nz}, {plan['n_coils']} coils, "
-                            f"R = {plan['accel']:g}, {noise_text(plan)}")
-    total = time.perf_counter() - t_all
-    print(nrmse_table(maps, truth))
-    print(f"\nsimulation {t_sim:.1f} s, reconstruction {t_rec:.1f} s, total {total:.1f} s")
-    print(f"files in {out}/:")
-    for path, what in ((raw, "raw ISMRMRD data (input of the gadget)"),
-                       (truth_path, "ground truth (T1, T2, PD, labels, brain mask)"),
-                       (out / "simulation.png", "ground truth and one undersampled contrast"),
-                       (maps_path, f"maps as ISMRMRD images (group '{DEMO_GROUP}')"),
-                       (png, "truth, maps and error per map")):
-        print(f"  {path.name:<15} {what}")
-    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="RAW.h5", help="raw file to write (replaced)")
     p.add_argument("--truth", metavar="TRUTH.npz", help="ground truth to write")
     p.add_argument("--png", metavar="PREVIEW.png", help="figure: truth maps and one zero-filled contrast")
-    p.set_defaults(func=cmd_simulate)
+    p.set_defaults(func=runner.cmd_simulate)
 
     p = sub.add_parser("recon", parents=[_common()], help="reconstruct maps from a raw file (the gadget's code)",
                        description="Reconstruct parameter maps from a raw ISMRMRD file with the gadget's own "
@@ -345,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", metavar="TRUTH.npz", help="ground truth: print the NRMSE table")
     p.add_argument("--png", metavar="MAPS.png", help="figure of the maps (with truth and error if --truth)")
     _add_setting_options(p)
-    p.set_defaults(func=cmd_recon)
+    p.set_defaults(func=runner.cmd_recon)
 
     from_replay = None
     try:
@@ -359,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "back, with the stock client's options.")
     if from_replay is not None:
         from_replay(p)
-    p.set_defaults(func=cmd_replay)
+    p.set_defaults(func=runner.cmd_replay)
 
     p = sub.add_parser("serve", parents=[_common()], help="passive mode: wait for Gadgetron to connect",
                        description="Run the gadget and wait for Gadgetron to connect (chain "
@@ -371,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forever", action="store_true", help="serve connections until interrupted "
                    "(default: one connection, then exit)")
     _add_setting_options(p)
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=runner.cmd_serve)
 
     p = sub.add_parser("demo", parents=[_common()], help="simulate, reconstruct through the gadget, compare",
                        description="The whole path on the default phantom: simulate a scan, reconstruct it "
@@ -379,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     _add_simulation_arguments(p, DEMO_MATRIX, accel_help)
     _add_setting_options(p, scopes=("recon",), exclude=("protocol", "seed"))
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=runner.cmd_demo)
     return parser
 
 

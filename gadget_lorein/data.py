@@ -78,3 +78,28 @@ class Scan:
     # (n_lines,) bool over ``lines``: calibration-only reference lines (used for the coil maps,
     # not fitted as imaging data); None: every line is imaging data
     reference_only: np.ndarray | None = None
+
+
+MAP_NAMES = ("T1", "T2", "PD", "B1")     # the maps' names in images, truth files and metrics
+
+
+@dataclass
+class Maps:
+    """The parameter maps of one reconstruction, (nz, ny, nx) float32 each: T1 and T2 [ms], PD
+    [a.u., 99th percentile inside the mask = 1], B1 [flip-angle scale] where the protocol encodes it
+    (else None); ``mask``: bool, the object support (every map is zero outside it)."""
+    t1: np.ndarray
+    t2: np.ndarray
+    pd: np.ndarray
+    mask: np.ndarray
+    b1: np.ndarray | None = None
+
+    def as_dict(self) -> dict:
+        """{name: map} in MAP_NAMES order (B1 only where present): the images', truth files' and
+        metrics' names."""
+        out = {"T1": self.t1, "T2": self.t2, "PD": self.pd, "B1": self.b1}
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, maps: dict, mask: np.ndarray) -> "Maps":
+        return cls(t1=maps["T1"], t2=maps["T2"], pd=maps["PD"], mask=mask, b1=maps.get("B1"))

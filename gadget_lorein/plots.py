@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-MAP_ORDER = ("T1", "T2", "PD", "B1")
+from .data import MAP_NAMES
+
 UNITS = {"T1": "ms", "T2": "ms", "PD": "a.u.", "B1": "fraction of nominal"}
 CMAPS = {"T1": "magma", "T2": "viridis", "PD": "gray", "B1": "coolwarm"}
 # display ranges: brain tissue contrast first (T2 of CSF, about 1800 ms, is clipped)
@@ -64,7 +65,7 @@ def simulation_figure(sim, proto, path, accel: float | None = None, frame: int =
     from .sim.simulate import contrast_images
 
     truth = sim.truth()
-    maps = [k for k in MAP_ORDER if k in truth]
+    maps = [k for k in MAP_NAMES if k in truth]
     lines = sim.scan.lines
     nz, ny, nx = truth["T1"].shape
     z = nz // 2
@@ -125,7 +126,7 @@ def simulation_figure(sim, proto, path, accel: float | None = None, frame: int =
 def maps_figure(maps: dict, path, truth: dict | None = None, title: str = "") -> None:
     """Maps (central axial slice). With ``truth``: rows truth / reconstruction / |error| (in the
     brain), NRMSE over the brain in the titles."""
-    names = [k for k in MAP_ORDER if k in maps] + sorted(k for k in maps if k not in MAP_ORDER)
+    names = [k for k in MAP_NAMES if k in maps] + sorted(k for k in maps if k not in MAP_NAMES)
     if truth is not None:
         names = [k for k in names if k in truth] or names
     if not names:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gadget_lorein import __version__, cli
+from gadget_lorein import __version__, cli, runner
 
 from gadget_lorein.io import map_images
 
@@ -162,7 +162,7 @@ def test_internal_error_exit_1_without_traceback(files, monkeypatch, capsys):
     """An unexpected failure: one line, status 1 (the traceback only with --verbose)."""
     def boom(args):
         raise RuntimeError("something broke\ninside")
-    monkeypatch.setattr(cli, "cmd_simulate", boom)
+    monkeypatch.setattr(runner, "cmd_simulate", boom)
     rc = cli.main(["simulate", "-o", str(files / "r.h5")])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -224,7 +224,7 @@ def test_demo_tiny(tmp_path):
         assert name in res.stdout
     rows = _nrmse_rows(res.stdout)
     assert set(rows) == {"T1", "T2", "PD"}, res.stdout
-    maps = map_images.images_to_maps(map_images.read_images(out / "maps.h5", cli.DEMO_GROUP))
+    maps = map_images.images_to_maps(map_images.read_images(out / "maps.h5", runner.DEMO_GROUP))
     assert sorted(maps) == ["PD", "T1", "T2"]
     assert "demo 3/3" in res.stderr
 
@@ -249,8 +249,8 @@ def test_every_setting_is_an_option():
                 argv += [s.option]
             else:
                 argv += [s.option, values.get(s.name, "0.25" if s.type is float else "16")]
-        parsed = cli._settings(cli.build_parser().parse_args(argv))
+        parsed = runner.settings_from_args(cli.build_parser().parse_args(argv))
         assert set(parsed.given) == set(settings.BY_NAME)
         assert parsed.recon.amp is True and parsed.recon.holdout == 0.25 and parsed.recon.rank == 16
-    with pytest.raises(cli.UsageError, match=r"setting holdout=0.5 must be in \[0, 0.5\)"):
-        cli._settings(cli.build_parser().parse_args(["serve", "--holdout", "0.5"]))
+    with pytest.raises(runner.UsageError, match=r"setting holdout=0.5 must be in \[0, 0.5\)"):
+        runner.settings_from_args(cli.build_parser().parse_args(["serve", "--holdout", "0.5"]))

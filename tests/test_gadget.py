@@ -79,9 +79,9 @@ def test_chain_mrf_cg(mrf_small, tmp_path):
     reference = recon.reconstruct(rawfile.read_raw(mrf_small.raw).to_scan(),
                                   recon.ReconSettings(method="cg", iterations=5, coil_maps="lowres"))
     maps = result.maps()
-    assert sorted(maps) == sorted(reference.maps)
+    assert sorted(maps) == sorted(reference.maps.as_dict())
     for name in maps:
-        assert np.array_equal(maps[name], reference.maps[name]), name
+        assert np.array_equal(maps[name], reference.maps.as_dict()[name]), name
 
 
 def with_extras(acqs, at=40):

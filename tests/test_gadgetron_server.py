@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import ismrmrd
+from gadget_lorein.io import rawfile
 from gadget_lorein.node import replay as rp
 from gadget_lorein.settings import SETTINGS, text_value
 from gadgetron_server import REPO, GadgetronServer, free_port, listening, require_gadgetron
@@ -285,9 +286,9 @@ def test_replay_names_the_ismrmrd_it_needs(monkeypatch):
 def test_interleave_matches_stock_order(tmp_path):
     """Waveforms go before an acquisition with a later time stamp (ties: acquisition first)."""
     path = write_raw(tmp_path / "raw.h5", ny=4, waveforms=3)  # acq t=0,10,20,30; waveforms t=5,30,55
-    with h5py.File(path, "r") as f:
-        items = list(rp._interleave(rp._rows(f["dataset/data"], rp._acquisition),
-                                    rp._rows(f["dataset/waveforms"], rp._waveform)))
+    stream = rawfile.read_stream(path)
+    assert (stream.n_acquisitions, stream.n_waveforms) == (4, 3)
+    items = list(rp._interleave(stream.acquisitions, stream.waveforms))
     stamps = [(type(i).__name__[0], getattr(i, "acquisition_time_stamp", getattr(i, "time_stamp", None)))
               for i in items]
     assert stamps == [("A", 0), ("W", 5), ("A", 10), ("A", 20), ("A", 30), ("W", 30), ("W", 55)]

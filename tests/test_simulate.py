@@ -17,10 +17,11 @@ import pytest
 import yaml
 
 from gadget_lorein import cli
+from gadget_lorein.usage import UsageError
 
 from gadget_lorein.physics import protocol
 
-from gadget_lorein.sim import sampling, simulate
+from gadget_lorein.sim import files, sampling, simulate
 
 NOISE_BIT = 1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1)
 CALIB_BIT = 1 << (ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING - 1)
@@ -121,7 +122,7 @@ def test_ismrmrd_reads_and_validates(simulated):
     # ground truth: in the .npz, never in the raw file
     with h5py.File(s.raw, "r") as f:
         assert sorted(f.keys()) == ["dataset"] and sorted(f["dataset"].keys()) == ["data", "xml"]
-    truth = cli.load_truth(s.truth)
+    truth = files.load_truth(s.truth)
     for k in ("T1", "T2", "PD", "labels", "brain_mask"):
         assert truth[k].shape == (nz, ny, nx), k
     assert ("B1" in truth) == s.proto.encodes_b1
@@ -213,8 +214,8 @@ def test_mrf_reaches_several_hundred(tmp_path):
 
 def test_defaults_per_sequence():
     parser = cli.build_parser()
-    q = cli.simulation_plan(parser.parse_args(["simulate", "-o", "x.h5"]))
-    m = cli.simulation_plan(parser.parse_args(["simulate", "--sequence", "mrf", "-o", "x.h5"]))
+    q = files.simulation_plan(parser.parse_args(["simulate", "-o", "x.h5"]))
+    m = files.simulation_plan(parser.parse_args(["simulate", "--sequence", "mrf", "-o", "x.h5"]))
     assert q[0].kind == "qalas" and q[1]["accel"] == 8 and q[1]["mode"] == "realistic"
     assert q[1]["calib_mode"] == "per_frame" and q[1]["pattern"] == "per_frame"
     assert q[1]["matrix"] == (64, 64, 48) and q[1]["n_coils"] == 8 and q[1]["snr"] == 30
@@ -222,17 +223,17 @@ def test_defaults_per_sequence():
     # mrf: a few lines per TR leave no room for a block in every frame: split, centre every TR
     assert m[0].kind == "mrf" and m[1]["accel"] == 200 and m[1]["calib_mode"] == "union"
     assert m[1]["pattern"] == "per_frame"
-    i = cli.simulation_plan(parser.parse_args(["simulate", "--ideal", "-o", "x.h5"]))
+    i = files.simulation_plan(parser.parse_args(["simulate", "--ideal", "-o", "x.h5"]))
     assert i[1]["mode"] == "ideal" and i[1]["noise"] == 0.01 and i[1]["calib_mode"] == "union"
     assert "snr" not in i[1] and i[1]["pattern"] == "per_frame"
-    p = cli.simulation_plan(parser.parse_args(["simulate", "--pattern", "per-frame", "-o", "x.h5"]))
+    p = files.simulation_plan(parser.parse_args(["simulate", "--pattern", "per-frame", "-o", "x.h5"]))
     assert p[1]["pattern"] == "per_frame" and p[1]["calib_mode"] == "per_frame"
-    s = cli.simulation_plan(parser.parse_args(["simulate", "--ideal", "--pattern", "shared",
+    s = files.simulation_plan(parser.parse_args(["simulate", "--ideal", "--pattern", "shared",
                                                "--calib-mode", "union", "-o", "x.h5"]))
     assert s[1]["pattern"] == "shared" and s[1]["calib_mode"] == "per_frame"
     for bad, what in ((["--noise", "0.01"], "--ideal"), (["--ideal", "--snr", "20"], "--snr")):
-        with pytest.raises(cli.UsageError, match=what):
-            cli.simulation_plan(parser.parse_args(["simulate", "-o", "x.h5", *bad]))
+        with pytest.raises(UsageError, match=what):
+            files.simulation_plan(parser.parse_args(["simulate", "-o", "x.h5", *bad]))
 
 
 def test_same_seed_same_file_and_truth(tmp_path):
@@ -413,9 +414,9 @@ def test_realistic_white_matter_snr():
 
 def test_realistic_truth_file_has_pure(tmp_path):
     _, truth = run_simulate(tmp_path, "--matrix", 16, 16, 8, "--coils", 2, "--accel", 4)
-    t = cli.load_truth(truth)
+    t = files.load_truth(truth)
     assert t["pure"].dtype == bool and t["pure"].shape == t["T1"].shape
     assert 0.05 < t["pure"][t["labels"] > 0].mean() < 1.0        # large voxels: mostly mixed
     _, truth = run_simulate(tmp_path, "--ideal", "--matrix", 16, 16, 8, "--coils", 2, "--accel", 4,
                             name="ideal")
-    assert "pure" not in cli.load_truth(truth)                  # ideal (and older) files: absent
+    assert "pure" not in files.load_truth(truth)                  # ideal (and older) files: absent

@@ -1,127 +1,18 @@
 """The acquisition buffer: streamed ISMRMRD acquisitions (from Gadgetron, or from a file) placed on
 the k-space grid, readout oversampling removed, the noise scan collected; :meth:`finish` gives a
-:class:`RawScan` (plain numpy containers from :mod:`gadget_lorein.data`)."""
+:class:`~gadget_lorein.io.header.RawScan` (plain numpy containers from :mod:`gadget_lorein.data`).
+The flag bits and the readout FFTs it uses are in :mod:`gadget_lorein.io.readout`."""
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import ismrmrd
 import numpy as np
 
 from .. import limits
-from ..data import KSpaceLines, Scan
-from .header import (UP_N_FRAMES, UP_N_LINES, UP_PROTOCOL,
-                     UP_PROTOCOL_YAML, Geometry, MRDError, _vec3, header_to_xml, parse_header,
-                     user_parameters)
-
-
-# Acquisitions the buffer does not use (returned as 'ignored' so a gadget may pass them on).
-_IGNORED_FLAGS = (ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_PHASECORR_DATA,
-                  ismrmrd.ACQ_IS_HPFEEDBACK_DATA, ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
-                  ismrmrd.ACQ_IS_RTFEEDBACK_DATA, ismrmrd.ACQ_IS_SURFACECOILCORRECTIONSCAN_DATA,
-                  30, 31)   # ACQ_IS_PHASE_STABILIZATION_REFERENCE / _STABILIZATION (not in older ismrmrd)
-
-
-def _bit(flag: int) -> int:
-    return 1 << (flag - 1)
-
-
-_IGNORE_MASK = 0
-for _f in _IGNORED_FLAGS:
-    _IGNORE_MASK |= _bit(_f)
-_NOISE_BIT = _bit(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
-_CALIB_BITS = _bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) | _bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
-_REF_ONLY_BIT = _bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)     # without _AND_IMAGING: reference only
-_CALIB_AND_IMAGING_BIT = _bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
-_REVERSE_BIT = _bit(ismrmrd.ACQ_IS_REVERSE)
-
-# --------------------------------------------------------------------------------------------
-# small helpers
-# --------------------------------------------------------------------------------------------
-
-def _fft1c(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Centred orthonormal 1D FFT (same convention as gadget_lorein.fft, numpy flavour)."""
-    return np.fft.fftshift(np.fft.fft(np.fft.ifftshift(x, axes=axis), axis=axis, norm="ortho"), axes=axis)
-
-
-def _ifft1c(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    return np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(x, axes=axis), axis=axis, norm="ortho"), axes=axis)
-
-
-def _centre_start(big: int, small: int) -> int:
-    """First index of a length-``small`` window in a length-``big`` axis with the centres
-    (index n//2) on top of each other."""
-    return big // 2 - small // 2
-
-
-def _pad_readout(lines: np.ndarray, n_enc: int) -> np.ndarray:
-    """k-space lines (..., nx) -> (..., n_enc): image zero-padded in x (readout FOV enlarged)."""
-    nx = lines.shape[-1]
-    if n_enc == nx:
-        return lines
-    img = _ifft1c(lines)
-    out = np.zeros(lines.shape[:-1] + (n_enc,), dtype=np.complex64)
-    s = _centre_start(n_enc, nx)
-    out[..., s:s + nx] = img
-    return _fft1c(out).astype(np.complex64)
-
-
-def _crop_readout(lines: np.ndarray, nx: int) -> np.ndarray:
-    """Remove readout oversampling: 1D iFFT, keep the central ``nx`` pixels, FFT back."""
-    n_enc = lines.shape[-1]
-    if n_enc == nx:
-        return lines
-    img = _ifft1c(lines)
-    s = _centre_start(n_enc, nx)
-    return _fft1c(img[..., s:s + nx])
-
-@dataclass
-class RawScan:
-    """A raw scan as read from ISMRMRD.
-
-    The sampled lines are kept compactly in ``lines`` (:class:`gadget_lorein.data.KSpaceLines`,
-    readout oversampling already removed, sorted by frame, kz, ky, repeated lines averaged);
-    ``kspace``, ``mask`` and ``calib_mask`` are the dense views the contract describes, computed on
-    demand (a dense MRF k-space with hundreds of frames does not fit in memory; use ``lines``).
-    """
-    lines: KSpaceLines
-    noise: np.ndarray | None                # (coils, samples) complex64 noise-only samples
-    geometry: Geometry
-    protocol_name: str
-    protocol_yaml: str | None
-    n_frames: int
-    header_xml: str
-    sample_time_us: float | None = None     # dwell time of the imaging lines (as acquired)
-    noise_sample_time_us: float | None = None
-    n_ignored: int = 0                      # acquisitions skipped (navigators, dummies, ...)
-    n_repeated: int = 0                     # lines acquired more than once (averaged)
-    # (n_lines,) bool over ``lines``: ACQ_IS_PARALLEL_CALIBRATION without _AND_IMAGING (reference
-    # lines for the coil maps only, not fitted); None when there are none
-    reference_only: np.ndarray | None = None
-
-    @property
-    def kspace(self) -> np.ndarray:
-        """Dense (coils, frames, nz, ny, nx) complex64, zeros where not sampled."""
-        return self.lines.dense()
-
-    @property
-    def mask(self) -> np.ndarray:
-        """(frames, nz, ny) bool: the sampled lines."""
-        return self.lines.mask()
-
-    @property
-    def calib_mask(self) -> np.ndarray:
-        """(nz, ny) bool: lines flagged as parallel-imaging calibration in any frame."""
-        return self.lines.calib_mask()
-
-    @property
-    def n_coils(self) -> int:
-        return self.lines.n_coils
-
-    def to_scan(self) -> Scan:
-        """The reconstruction's input container."""
-        return Scan(self.lines, self.noise, self.protocol_yaml, self.protocol_name,
-                    tuple(self.geometry.fov_mm), self.reference_only)
+from ..data import KSpaceLines
+from .header import (UP_N_FRAMES, UP_N_LINES, UP_PROTOCOL, UP_PROTOCOL_YAML, Geometry, MRDError,
+                     RawScan, _vec3, header_to_xml, parse_header, user_parameters)
+from .readout import (CALIB_AND_IMAGING_BIT, CALIB_BITS, IGNORE_MASK, NOISE_BIT, REF_ONLY_BIT,
+                      REVERSE_BIT, crop_readout)
 
 # --------------------------------------------------------------------------------------------
 # the acquisition buffer
@@ -293,7 +184,7 @@ class AcquisitionBuffer:
         if self._finished:
             raise MRDError("the buffer is finished; start a new one")
         flags = int(acq.flags)
-        if flags & _NOISE_BIT:
+        if flags & NOISE_BIT:
             self._check_channels(acq, "noise")
             data = np.asarray(acq.data)
             if not np.isfinite(data).all():
@@ -303,7 +194,7 @@ class AcquisitionBuffer:
             self._noise.append(np.array(data, dtype=np.complex64, copy=True))
             self._noise_dwell = float(acq.sample_time_us)
             return "noise"
-        if flags & _IGNORE_MASK:
+        if flags & IGNORE_MASK:
             self.n_ignored += 1
             return "ignored"
         self._check_channels(acq, "data")
@@ -334,7 +225,7 @@ class AcquisitionBuffer:
                 raise MRDError(f"acquisition (scan_counter {sc}) discards all its samples")
             data = data[:, pre:ns - post]
         n_use = data.shape[1]
-        if flags & _REVERSE_BIT:
+        if flags & REVERSE_BIT:
             data = data[:, ::-1]
             centre = n_use - 1 - centre
         start = self.nx_enc // 2 - centre
@@ -367,8 +258,8 @@ class AcquisitionBuffer:
         self._frame[i] = frame
         self._kz[i] = kz + self._off_z
         self._ky[i] = ky + self._off_y
-        self._calib[i] = bool(flags & _CALIB_BITS)
-        self._ref[i] = bool(flags & _REF_ONLY_BIT) and not flags & _CALIB_AND_IMAGING_BIT
+        self._calib[i] = bool(flags & CALIB_BITS)
+        self._ref[i] = bool(flags & REF_ONLY_BIT) and not flags & CALIB_AND_IMAGING_BIT
         self._n += 1
         self._dwell = float(acq.sample_time_us)
         # geometry comes from the last data acquisition: keep a copy of its header (a byte copy
@@ -381,7 +272,7 @@ class AcquisitionBuffer:
     def _flush(self):
         m = self._stage_n
         if m:
-            self._data[self._stage_rows[:m]] = _crop_readout(self._stage[:m], self.nx)
+            self._data[self._stage_rows[:m]] = crop_readout(self._stage[:m], self.nx)
             self._stage_n = 0
 
     def __len__(self) -> int:

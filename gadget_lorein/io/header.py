@@ -1,5 +1,6 @@
 """The raw header: the ISMRMRD XML header the simulator writes and the node reads, its LoREIN user
-parameters (the raw-data contract, docs/data-format.md) and the volume's geometry.
+parameters (the raw-data contract, docs/data-format.md), the volume's geometry and the raw scan
+the buffer makes of the data (:class:`RawScan`).
 
 Works with ismrmrd-python 1.14 and 1.15 (:func:`header_to_xml` mends the one place where ismrmrd
 1.14 breaks beside the xsdata that the official Gadgetron images pin)."""
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 
 import ismrmrd.xsd as xsd
 import numpy as np
+
+from ..data import KSpaceLines, Scan
 
 
 
@@ -64,6 +67,56 @@ class Geometry:
     @property
     def voxel_mm(self) -> tuple[float, float, float]:
         return tuple(f / n for f, n in zip(self.fov_mm, self.matrix))
+
+
+@dataclass
+class RawScan:
+    """A raw scan as read from ISMRMRD.
+
+    The sampled lines are kept compactly in ``lines`` (:class:`gadget_lorein.data.KSpaceLines`,
+    readout oversampling already removed, sorted by frame, kz, ky, repeated lines averaged);
+    ``kspace``, ``mask`` and ``calib_mask`` are the dense views the contract describes, computed on
+    demand (a dense MRF k-space with hundreds of frames does not fit in memory; use ``lines``).
+    """
+    lines: KSpaceLines
+    noise: np.ndarray | None                # (coils, samples) complex64 noise-only samples
+    geometry: Geometry
+    protocol_name: str
+    protocol_yaml: str | None
+    n_frames: int
+    header_xml: str
+    sample_time_us: float | None = None     # dwell time of the imaging lines (as acquired)
+    noise_sample_time_us: float | None = None
+    n_ignored: int = 0                      # acquisitions skipped (navigators, dummies, ...)
+    n_repeated: int = 0                     # lines acquired more than once (averaged)
+    # (n_lines,) bool over ``lines``: ACQ_IS_PARALLEL_CALIBRATION without _AND_IMAGING (reference
+    # lines for the coil maps only, not fitted); None when there are none
+    reference_only: np.ndarray | None = None
+
+    @property
+    def kspace(self) -> np.ndarray:
+        """Dense (coils, frames, nz, ny, nx) complex64, zeros where not sampled."""
+        return self.lines.dense()
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(frames, nz, ny) bool: the sampled lines."""
+        return self.lines.mask()
+
+    @property
+    def calib_mask(self) -> np.ndarray:
+        """(nz, ny) bool: lines flagged as parallel-imaging calibration in any frame."""
+        return self.lines.calib_mask()
+
+    @property
+    def n_coils(self) -> int:
+        return self.lines.n_coils
+
+    def to_scan(self) -> Scan:
+        """The reconstruction's input container."""
+        return Scan(self.lines, self.noise, self.protocol_yaml, self.protocol_name,
+                    tuple(self.geometry.fov_mm), self.reference_only)
+
 
 # --------------------------------------------------------------------------------------------
 # header

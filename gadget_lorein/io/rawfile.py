@@ -1,6 +1,8 @@
 """Raw ISMRMRD HDF5 files: :func:`write_raw` (one Cartesian encoding, a noise scan, then one
 acquisition per sampled (frame, kz, ky) readout line) and :func:`read_raw` / :func:`iter_raw`, which
-read a file through the same :class:`AcquisitionBuffer` as the node.
+read a file through the same :class:`AcquisitionBuffer` as the node; :func:`read_stream` gives what
+``lorein replay`` sends (header as stored, acquisitions, waveforms). The package's one reader of
+acquisitions from files.
 
 Speed: ``ismrmrd.Dataset.append_acquisition`` resizes the HDF5 table by one row per call (about
 3 ms per acquisition) and ``read_acquisition`` costs about 4 ms each, so files are written and read
@@ -8,16 +10,18 @@ here in blocks with h5py, using ismrmrd's own HDF5 types (``ismrmrd.hdf5.acquisi
 layout is the one ``ismrmrd.Dataset`` and the C++ ``ISMRMRD::Dataset`` read and append to."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import h5py
 import ismrmrd
 import numpy as np
-from ismrmrd.hdf5 import acquisition_dtype, acquisition_header_dtype
+from ismrmrd.hdf5 import acquisition_dtype, acquisition_header_dtype, waveform_header_dtype
 
 from ..data import KSpaceLines
-from .buffer import _NOISE_BIT, AcquisitionBuffer, RawScan, _bit, _pad_readout
-from .header import BANDWIDTH_PER_PIXEL_HZ, MRDError, _vec3, build_header
+from .buffer import AcquisitionBuffer
+from .header import BANDWIDTH_PER_PIXEL_HZ, MRDError, RawScan, _vec3, build_header
+from .readout import NOISE_BIT, bit, pad_readout
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,7 +153,7 @@ def write_raw(path, kspace, mask, calib_region_mask, noise, protocol_name: str,
             rows = np.zeros(n_noise, dtype=acquisition_dtype)
             heads = np.zeros(n_noise, dtype=acquisition_header_dtype)
             _fill_common_head(heads, n_coils, n_samples, dwell_us, measurement_uid)
-            heads["flags"] = _NOISE_BIT
+            heads["flags"] = NOISE_BIT
             heads["scan_counter"] = np.arange(1, n_noise + 1)
             heads["acquisition_time_stamp"] = stamp0 + np.arange(n_noise)
             rows["head"] = heads
@@ -159,7 +163,7 @@ def write_raw(path, kspace, mask, calib_region_mask, noise, protocol_name: str,
         for s in range(0, n_lines, block):
             sel = slice(s, min(s + block, n_lines))
             m = sel.stop - sel.start
-            data = _pad_readout(gather(sel), n_samples)             # (m, coils, n_samples)
+            data = pad_readout(gather(sel), n_samples)             # (m, coils, n_samples)
             heads = np.zeros(m, dtype=acquisition_header_dtype)
             _fill_common_head(heads, n_coils, n_samples, dwell_us, measurement_uid)
             idx = heads["idx"]
@@ -169,18 +173,18 @@ def write_raw(path, kspace, mask, calib_region_mask, noise, protocol_name: str,
             li = np.arange(sel.start, sel.stop)
             heads["scan_counter"] = n_noise + 1 + li
             heads["acquisition_time_stamp"] = stamp0 + n_noise + 10 + li
-            flags = np.where(calib[sel], np.uint64(_bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)),
+            flags = np.where(calib[sel], np.uint64(bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)),
                              np.uint64(0))
             fr = frame[sel]
             prev_fr = np.where(li == 0, -1, frame[np.maximum(li - 1, 0)])
             next_fr = np.where(li == n_lines - 1, -1, frame[np.minimum(li + 1, n_lines - 1)])
-            flags |= np.where(fr != prev_fr, np.uint64(_bit(ismrmrd.ACQ_FIRST_IN_CONTRAST)), np.uint64(0))
-            flags |= np.where(fr != next_fr, np.uint64(_bit(ismrmrd.ACQ_LAST_IN_CONTRAST)), np.uint64(0))
+            flags |= np.where(fr != prev_fr, np.uint64(bit(ismrmrd.ACQ_FIRST_IN_CONTRAST)), np.uint64(0))
+            flags |= np.where(fr != next_fr, np.uint64(bit(ismrmrd.ACQ_LAST_IN_CONTRAST)), np.uint64(0))
             if sel.start == 0:
-                flags[0] |= np.uint64(_bit(ismrmrd.ACQ_FIRST_IN_SLICE) | _bit(ismrmrd.ACQ_FIRST_IN_REPETITION))
+                flags[0] |= np.uint64(bit(ismrmrd.ACQ_FIRST_IN_SLICE) | bit(ismrmrd.ACQ_FIRST_IN_REPETITION))
             if sel.stop == n_lines:
-                flags[-1] |= np.uint64(_bit(ismrmrd.ACQ_LAST_IN_SLICE) | _bit(ismrmrd.ACQ_LAST_IN_REPETITION)
-                                       | _bit(ismrmrd.ACQ_LAST_IN_MEASUREMENT))
+                flags[-1] |= np.uint64(bit(ismrmrd.ACQ_LAST_IN_SLICE) | bit(ismrmrd.ACQ_LAST_IN_REPETITION)
+                                       | bit(ismrmrd.ACQ_LAST_IN_MEASUREMENT))
             heads["flags"] = flags
             rows = np.zeros(m, dtype=acquisition_dtype)
             rows["head"] = heads
@@ -192,47 +196,88 @@ def write_raw(path, kspace, mask, calib_region_mask, noise, protocol_name: str,
 # reading
 # --------------------------------------------------------------------------------------------
 
-def _read_xml(g) -> str:
+def _header_bytes(g) -> bytes:
+    """The group's XML header as stored (a client sends it verbatim)."""
     if "xml" not in g:
         raise MRDError("the file has no ISMRMRD XML header (/<group>/xml)")
     x = g["xml"][0]
-    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+    return x if isinstance(x, bytes) else str(x).encode("utf-8")
 
 
-def _acquisitions(path, group: str, block: int) -> Iterator[ismrmrd.Acquisition]:
+def _rows(path, group: str, table: str, block: int):
+    """The rows of ``/<group>/<table>``, read ``block`` rows at a time (row by row is ~100x slower);
+    nothing when the group has no such table."""
     with h5py.File(path, "r") as f:
         if group not in f:
             raise MRDError(f"{path} has no group '{group}'")
         g = f[group]
-        if "data" not in g:
+        if table not in g:
             return
-        d = g["data"]
+        d = g[table]
         for s in range(0, d.shape[0], block):
-            rows = d[s:s + block]
-            for row in rows:
-                head = row["head"]
-                nc, ns = int(head["active_channels"]), int(head["number_of_samples"])
-                td = int(head["trajectory_dimensions"])
-                raw = np.asarray(row["data"], dtype=np.float32)
-                if raw.size != 2 * nc * ns:
-                    raise MRDError(f"acquisition {int(head['scan_counter'])} in {path}: {raw.size // 2} "
-                                   f"complex samples stored, header says {nc} x {ns}")
-                traj = None
-                if td:
-                    traj = np.asarray(row["traj"], dtype=np.float32).reshape(ns, td).copy()
-                yield ismrmrd.Acquisition(head.tobytes(), data=raw.view(np.complex64).reshape(nc, ns).copy(),
-                                          trajectory=traj)
+            yield from d[s:s + block]
+
+
+def _acquisitions(path, group: str, block: int) -> Iterator[ismrmrd.Acquisition]:
+    for row in _rows(path, group, "data", block):
+        head = row["head"]
+        nc, ns = int(head["active_channels"]), int(head["number_of_samples"])
+        td = int(head["trajectory_dimensions"])
+        raw = np.asarray(row["data"], dtype=np.float32)
+        if raw.size != 2 * nc * ns:
+            raise MRDError(f"acquisition {int(head['scan_counter'])} in {path}: {raw.size // 2} "
+                           f"complex samples stored, header says {nc} x {ns}")
+        traj = None
+        if td:
+            traj = np.asarray(row["traj"], dtype=np.float32).reshape(ns, td).copy()
+        yield ismrmrd.Acquisition(head.tobytes(), data=raw.view(np.complex64).reshape(nc, ns).copy(),
+                                  trajectory=traj)
+
+
+def _waveforms(path, group: str, block: int) -> Iterator[ismrmrd.Waveform]:
+    """Waveforms from ``/<group>/waveforms`` (as ``ismrmrd.Dataset.read_waveform``)."""
+    for row in _rows(path, group, "waveforms", block):
+        head = np.zeros((1,), dtype=waveform_header_dtype)
+        head[0] = row["head"]
+        wav = ismrmrd.Waveform(head)
+        wav.data[:] = row["data"].view(np.uint32).reshape((wav.channels, wav.number_of_samples))
+        yield wav
 
 
 def iter_raw(path, group: str = "dataset", block: int = 4096) -> tuple[str, Iterator[ismrmrd.Acquisition]]:
     """(header_xml, acquisitions): the XML header text and a lazy iterator over the file's
     acquisitions as ``ismrmrd.Acquisition`` (in file order, read in blocks; the file is opened
-    read-only). Waveforms and images in the group are not returned."""
+    read-only). Waveforms and images in the group are not returned (:func:`read_stream` has them)."""
     with h5py.File(path, "r") as f:
         if group not in f:
             raise MRDError(f"{path} has no group '{group}' (groups: {list(f.keys())})")
-        xml = _read_xml(f[group])
+        xml = _header_bytes(f[group]).decode("utf-8")
     return xml, _acquisitions(path, group, block)
+
+
+@dataclass
+class RawStream:
+    """What a client sends of a raw file (``lorein replay``): the header as stored, and the
+    acquisitions and waveforms, each a lazy iterator in file order (read in blocks)."""
+    header: bytes
+    n_acquisitions: int
+    n_waveforms: int
+    acquisitions: Iterator[ismrmrd.Acquisition]
+    waveforms: Iterator[ismrmrd.Waveform]
+
+
+def read_stream(path, group: str = "dataset", block: int = 256) -> RawStream:
+    """The header, acquisitions and waveforms of ``/<group>``. Raises ``MRDError`` when the group
+    or its header is missing, ``OSError`` when the file cannot be opened as HDF5."""
+    with h5py.File(path, "r") as f:
+        if group not in f:
+            raise MRDError(f"{path} has no group '{group}' (groups: {list(f.keys())})")
+        g = f[group]
+        header = _header_bytes(g)
+        n_acq = g["data"].shape[0] if "data" in g else 0
+        n_wav = g["waveforms"].shape[0] if "waveforms" in g else 0
+    return RawStream(header, n_acq, n_wav, _acquisitions(path, group, block),
+                     _waveforms(path, group, block))
 
 
 def read_raw(path, group: str = "dataset") -> RawScan:

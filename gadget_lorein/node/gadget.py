@@ -150,7 +150,7 @@ def _reconstruct_scan(buf: buffer.AcquisitionBuffer, rs: settings_mod.ReconSetti
     t = time.perf_counter()
     extra = {"LOREIN_Protocol": info.get("protocol", raw.protocol_name), "LOREIN_Rank": info.get("rank", ""),
              "LOREIN_Version": __version__}
-    images = map_images.maps_to_images(result.maps, raw.geometry, as_2d=gs.images_2d,
+    images = map_images.maps_to_images(result.maps.as_dict(), raw.geometry, as_2d=gs.images_2d,
                                 method=METHOD_LABELS.get(rs.method, rs.method), extra=extra)
     if gs.output == "maps+coefficients":
         images += map_images.coefficient_images(recon.model_coefficients(result), raw.geometry,
@@ -165,7 +165,7 @@ def _reconstruct_scan(buf: buffer.AcquisitionBuffer, rs: settings_mod.ReconSetti
     iters = info.get("iterations") or rs.iterations or "default"
     log.info("lorein: done: method %s, protocol %s, rank %s, iterations %s, reconstruction %.1f s; "
              "sent %d images (%s)", rs.method, info.get("protocol"), info.get("rank"), iters, total,
-             len(images), ", ".join(sorted(result.maps)))
+             len(images), ", ".join(sorted(result.maps.as_dict())))
 
 
 def _check_resources(buf: buffer.AcquisitionBuffer, proto, rs, gs, device) -> None:

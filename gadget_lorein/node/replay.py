@@ -7,7 +7,8 @@ apps/clients/gadgetron_ismrmrd_client/gadgetron_ismrmrd_client.cpp):
   ``share/gadgetron/config``) or as text with ``-C FILE`` (message 2, length-prefixed XML);
 - the raw file's XML header verbatim (message 3), every acquisition (1008) with the waveforms (1026)
   merged in by time stamp exactly as the stock client does (a waveform goes first when its
-  ``time_stamp`` is below the acquisition's ``acquisition_time_stamp``), then CLOSE (4);
+  ``time_stamp`` is below the acquisition's ``acquisition_time_stamp``), then CLOSE (4); the file is
+  read by :func:`gadget_lorein.io.rawfile.read_stream`, the package's one reader of raw files;
 - images coming back are appended to ``OUT_GROUP/image_<image_series_index>`` (``data``, ``header``,
   ``attributes``) of the output file, OUT_GROUP defaulting to the local date and time
   ``YYYY-MM-DD HH:MM:SS``; the file is created only when an image arrives; text messages (5) are
@@ -39,11 +40,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import ismrmrd
-import numpy as np
-from ismrmrd.hdf5 import waveform_header_dtype
 from tqdm import tqdm
+
+from ..io import rawfile
+from ..io.header import MRDError
 
 DEFAULT_CONFIG = "lorein.xml"   # the stock client's default is default.xml
 HEADER_ID = 3                   # message id of the ISMRMRD XML header
@@ -98,31 +99,6 @@ def _protocol():
         raise ReplayError(f"replay needs ismrmrd-python >= 1.15 (ProtocolSerializer); installed: "
                           f"{_ismrmrd_version()}; upgrade it with: python -m pip install 'ismrmrd>=1.15'") from e
     return ProtocolSerializer, ProtocolDeserializer, ConfigFile, ConfigText
-
-
-def _rows(table, make, chunk: int = 256):
-    """Objects made from the rows of an HDF5 table, read a block at a time (row by row is ~100x slower)."""
-    for start in range(0, table.shape[0], chunk):
-        for row in table[start:start + chunk]:
-            yield make(row)
-
-
-def _acquisition(row) -> ismrmrd.Acquisition:
-    """An acquisition from a row of ``/dataset/data`` (as ``ismrmrd.Dataset.read_acquisition``)."""
-    acq = ismrmrd.Acquisition(row["head"])
-    acq.data[:] = row["data"].view(np.complex64).reshape((acq.active_channels, acq.number_of_samples))
-    if acq.traj.size:
-        acq.traj[:] = row["traj"].reshape((acq.number_of_samples, acq.trajectory_dimensions))
-    return acq
-
-
-def _waveform(row) -> ismrmrd.Waveform:
-    """A waveform from a row of ``/dataset/waveforms`` (as ``ismrmrd.Dataset.read_waveform``)."""
-    head = np.zeros((1,), dtype=waveform_header_dtype)
-    head[0] = row["head"]
-    wav = ismrmrd.Waveform(head)
-    wav.data[:] = row["data"].view(np.uint32).reshape((wav.channels, wav.number_of_samples))
-    return wav
 
 
 def _interleave(acqs, wavs):
@@ -206,60 +182,56 @@ def replay(input_path, output_path, host: str = "localhost", port: int = 9002, c
         config = ConfigFile(config_name or DEFAULT_CONFIG)
 
     try:
-        infile = h5py.File(str(input_path), "r")
+        stream = rawfile.read_stream(str(input_path), in_group)
     except OSError as e:
         raise ReplayError(f"cannot open input {input_path}: {e}") from e
-    with infile:
-        group = infile.get(in_group)
-        if group is None or "xml" not in group or "data" not in group:
-            raise ReplayError(f"input {input_path} has no ISMRMRD header and acquisitions in group {in_group!r}")
-        header = group["xml"][0]
-        header = header if isinstance(header, bytes) else str(header).encode()
-        acquisitions, waveforms = group["data"], group.get("waveforms")
-        n_acq, n_wav = acquisitions.shape[0], 0 if waveforms is None else waveforms.shape[0]
-        items = _interleave(_rows(acquisitions, _acquisition), _rows(waveforms, _waveform) if n_wav else iter(()))
+    except MRDError:
+        stream = None
+    if stream is None or stream.n_acquisitions == 0:
+        raise ReplayError(f"input {input_path} has no ISMRMRD header and acquisitions in group {in_group!r}")
+    header, n_acq, n_wav = stream.header, stream.n_acquisitions, stream.n_waveforms
+    items = _interleave(stream.acquisitions, stream.waveforms)
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=connect_timeout)
+    except OSError as e:
+        raise ReplayError(f"cannot connect to Gadgetron at {host}:{port}: {e}") from e
+    sock.settimeout(timeout)
+    rfile, wfile = sock.makefile("rb"), sock.makefile("wb")
+    receiver = _Receiver(rfile, ProtocolDeserializer, result, echo)
+    receiver.start()
+    send_error = None
+    try:
+        serializer = ProtocolSerializer(wfile)
+        serializer.serialize(config)
+        # the header goes verbatim, as the stock client sends it (serialize() would re-render it
+        # through the xsd classes)
+        wfile.write(struct.pack("<HI", HEADER_ID, len(header)) + header)
+        with tqdm(total=n_acq + n_wav, unit="msg", desc="sending", disable=not progress,
+                  file=sys.stderr, leave=False) as bar:
+            for item in items:
+                serializer.serialize(item)
+                if isinstance(item, ismrmrd.Waveform):
+                    result.waveforms_sent += 1
+                else:
+                    result.acquisitions_sent += 1
+                bar.update()
+        serializer.close()  # CLOSE, flush
+    except OSError as e:  # includes timeouts; the receiver may know why (server errors)
+        send_error = e
 
+    # every read times out after `timeout` s of silence; this loop is only a backstop
+    while receiver.is_alive() and time.monotonic() - receiver.last_message < timeout + 10.0:
+        receiver.join(1.0)
+    try:  # unblocks a receiver that is still reading, so that closing cannot hang
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    receiver.join(5.0)
+    for closable in (wfile, rfile, sock):
         try:
-            sock = socket.create_connection((host, int(port)), timeout=connect_timeout)
-        except OSError as e:
-            raise ReplayError(f"cannot connect to Gadgetron at {host}:{port}: {e}") from e
-        sock.settimeout(timeout)
-        rfile, wfile = sock.makefile("rb"), sock.makefile("wb")
-        receiver = _Receiver(rfile, ProtocolDeserializer, result, echo)
-        receiver.start()
-        send_error = None
-        try:
-            serializer = ProtocolSerializer(wfile)
-            serializer.serialize(config)
-            # the header goes verbatim, as the stock client sends it (serialize() would re-render it
-            # through the xsd classes)
-            wfile.write(struct.pack("<HI", HEADER_ID, len(header)) + header)
-            with tqdm(total=n_acq + n_wav, unit="msg", desc="sending", disable=not progress,
-                      file=sys.stderr, leave=False) as bar:
-                for item in items:
-                    serializer.serialize(item)
-                    if isinstance(item, ismrmrd.Waveform):
-                        result.waveforms_sent += 1
-                    else:
-                        result.acquisitions_sent += 1
-                    bar.update()
-            serializer.close()  # CLOSE, flush
-        except OSError as e:  # includes timeouts; the receiver may know why (server errors)
-            send_error = e
-
-        # every read times out after `timeout` s of silence; this loop is only a backstop
-        while receiver.is_alive() and time.monotonic() - receiver.last_message < timeout + 10.0:
-            receiver.join(1.0)
-        try:  # unblocks a receiver that is still reading, so that closing cannot hang
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
+            closable.close()
+        except (OSError, ValueError):
             pass
-        receiver.join(5.0)
-        for closable in (wfile, rfile, sock):
-            try:
-                closable.close()
-            except (OSError, ValueError):
-                pass
 
     if receiver.is_alive():
         raise ReplayError(f"receiving from {host}:{port} stalled: no message for {timeout:g} s")

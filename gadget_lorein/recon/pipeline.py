@@ -12,7 +12,7 @@ import torch
 from . import baselines, calibration
 
 from ..physics import protocol as protocol_mod
-from ..data import KSpaceLines, Scan
+from ..data import KSpaceLines, Maps, Scan
 from ..fft import ifftnc
 from .operators import HeldOutLines, SubspaceOperator
 from ..physics.subspace import SubspaceModel, build_subspace
@@ -20,20 +20,21 @@ from ..settings import FIT_NAMES, METHODS, NETWORK_METHODS, ReconSettings  # noq
 
 log = logging.getLogger(__name__)
 
-MAP_NAMES = ("T1", "T2", "PD", "B1")     # the keys of ReconResult.maps (B1 where it is encoded)
-
-
 class ReconError(ValueError):
     """Input the reconstruction cannot use; the message says what is wrong."""
 
 
 @dataclass
 class ReconResult:
-    maps: dict                     # name -> (nz, ny, nx) float32: T1, T2 [ms], PD [a.u.], B1
-    support: np.ndarray            # (nz, ny, nx) bool
+    maps: Maps                     # T1, T2 [ms], PD [a.u.], B1 where encoded; mask = the support
     timings: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     subspace: SubspaceModel | None = None   # the temporal subspace the maps were fitted in (CPU)
+
+    @property
+    def support(self) -> np.ndarray:
+        """(nz, ny, nx) bool: the object support the maps were fitted in (``maps.mask``)."""
+        return self.maps.mask
 
 
 def resolve_device(name: str) -> torch.device:
@@ -230,19 +231,21 @@ def _reconstruct(scan: Scan, settings: ReconSettings, progress=None, protocol=No
             else:
                 x = baselines.llr_recon(op, iters=it or 80)
             maps = match_maps(sub, x, support, proto.encodes_b1)
-    out, sup = finish_maps(maps, support)
     info["method"] = settings.method
-    return ReconResult(out, sup, timings, info, subspace=sub.to("cpu"))
+    return ReconResult(finish_maps(maps, support), timings, info, subspace=sub.to("cpu"))
 
 
 def model_coefficients(result: ReconResult) -> np.ndarray:
     """The signal model's subspace coefficients at the fitted maps, PD x U^H s(T1, T2, B1):
     (K, nz, ny, nx) complex64, zero outside the support."""
-    sup = np.asarray(result.support, bool)
-    m = {k: torch.from_numpy(np.asarray(v, np.float32)[sup]) for k, v in result.maps.items()}
+    maps = result.maps
+    sup = np.asarray(maps.mask, bool)
+
+    def inside(vol):
+        return None if vol is None else torch.from_numpy(np.asarray(vol, np.float32)[sup])
     with torch.no_grad():
-        c = (m["PD"][:, None] * result.subspace.coefficients(
-            m["T1"].clamp_min(1e-3), m["T2"].clamp_min(1e-3), m.get("B1"))).numpy()
+        c = (inside(maps.pd)[:, None] * result.subspace.coefficients(
+            inside(maps.t1).clamp_min(1e-3), inside(maps.t2).clamp_min(1e-3), inside(maps.b1))).numpy()
     coeffs = np.zeros((c.shape[1],) + sup.shape, np.complex64)
     coeffs[:, sup] = c.T
     return coeffs
@@ -254,10 +257,11 @@ def fit_config(settings: ReconSettings):
     return lorein.FitConfig(**{name: getattr(settings, name) for name in FIT_NAMES})
 
 
-def finish_maps(maps: dict, support: torch.Tensor) -> tuple[dict, np.ndarray]:
-    """Device maps -> float32 numpy maps as returned (PD normalised, zero outside the support)."""
+def finish_maps(maps: dict, support: torch.Tensor) -> Maps:
+    """Device maps {name: tensor} (the fit's and match_maps') -> the float32 numpy :class:`Maps`
+    returned (PD normalised, zero outside the support, which becomes the mask)."""
     sup = support.cpu().numpy()
     out = {k: v.detach().cpu().numpy() for k, v in maps.items()}
     out = {k: (normalise_pd(v, sup) if k == "PD" else np.where(sup, v.real, 0).astype(np.float32))
            for k, v in out.items()}
-    return out, sup
+    return Maps.from_dict(out, sup)

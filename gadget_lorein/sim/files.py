@@ -1,23 +1,19 @@
-"""The files of the ``lorein`` commands, as a library: the simulation plan and the files it
-writes (raw data, truth .npz, preview), the truth's checks and the NRMSE table, and the maps of a
-raw file through the gadget's code (``run_recon``). test_data/make_test_data.py and the CLI use it."""
+"""A simulation's files, as a library: the simulation plan (checked options), the files it writes
+(raw data, truth .npz, preview) and the truth file read back. ``lorein simulate`` / ``demo``
+(gadget_lorein/runner.py) and test_data/make_test_data.py use it."""
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
+
+from ..data import MAP_NAMES
+from ..usage import UsageError, check_input
 
 SEQUENCES = ("qalas", "mrf")
 DEFAULT_ACCEL = {"qalas": 8.0, "mrf": 200.0}   # where the default method leads (RESULTS, accuracy)
 DEFAULT_SNR = 30.0       # realistic mode: white matter's SNR in the brightest contrast
 DEFAULT_NOISE = 0.01     # ideal mode: noise sd relative to the largest image magnitude
 MATRIX_MIN, MATRIX_MAX = 8, 512
-MAP_ORDER = ("T1", "T2", "PD", "B1")
-
-
-class UsageError(Exception):
-    """A mistake in the command or its files; the CLI exits with status 2 and this one line."""
 
 
 def check_matrix(matrix) -> tuple[int, int, int]:
@@ -26,46 +22,6 @@ def check_matrix(matrix) -> tuple[int, int, int]:
         if not MATRIX_MIN <= v <= MATRIX_MAX:
             raise UsageError(f"--matrix {nx} {ny} {nz}: {name} = {v} is outside {MATRIX_MIN}..{MATRIX_MAX}")
     return int(nx), int(ny), int(nz)
-
-
-def check_output(path, what: str = "output") -> Path:
-    """The output file's folder must exist and take a new file; the path must not be a folder."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{what} {path} is a folder; give a file name")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"cannot write {what} {path}: folder {folder} does not exist")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lorein-write-test-"):
-            pass
-    except OSError as err:
-        raise UsageError(f"cannot write {what} {path}: {err.strerror or err}") from None
-    return path
-
-
-def check_input(path, what: str = "input", hdf5: bool = True) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"{what} {path} does not exist")
-    if not path.is_file():
-        raise UsageError(f"{what} {path} is not a file")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"{what} {path} is not readable")
-    if hdf5:
-        import h5py
-        if not h5py.is_hdf5(path):
-            raise UsageError(f"{what} {path} is not an HDF5 file (an ISMRMRD raw file is expected)")
-        try:
-            with h5py.File(path, "r") as f:
-                groups = sorted(f.keys())
-                ok = "dataset" in f and "xml" in f["dataset"]
-        except OSError as err:
-            raise UsageError(f"{what} {path} cannot be read: {err}") from None
-        if not ok:
-            raise UsageError(f"{what} {path} has no ISMRMRD raw data (/dataset/xml); groups: "
-                             f"{', '.join(groups) or 'none'}")
-    return path
 
 
 def load_protocol(sequence: str | None, protocol_path: str | None):
@@ -145,7 +101,7 @@ def truth_arrays(sim, proto) -> dict:
     (0 background, 1 WM, 2 GM, 3 CSF, 4 lesion), brain_mask, and fov_mm / protocol / matrix."""
     import numpy as np
     t = sim.truth()
-    out = {k: np.asarray(t[k], np.float32) for k in MAP_ORDER if k in t}
+    out = {k: np.asarray(t[k], np.float32) for k in MAP_NAMES if k in t}
     out["labels"] = np.asarray(t["labels"], np.uint8)
     out["brain_mask"] = np.asarray(t["labels"] > 0)
     if "pure" in t:         # realistic mode: voxels without partial volume
@@ -210,59 +166,3 @@ def simulate_to_files(proto, plan: dict, raw_path, truth_path=None, png_path=Non
     return sim, n
 
 
-def nrmse_table(maps: dict, truth: dict) -> str:
-    """NRMSE per map over the brain and the tissue (WM, GM, lesions), as a text table."""
-    from .. import metrics
-    brain = metrics.map_errors(maps, truth, "brain")
-    tissue = metrics.map_errors(maps, truth, "tissue")
-    lines = ["NRMSE   brain    tissue (WM, GM, lesions)"]
-    for k in MAP_ORDER:
-        if k in brain:
-            lines.append(f"{k:<6}  {brain[k]:6.4f}   {tissue[k]:6.4f}")
-    lines.append("(PD after a least-squares scale; CSF's long T2 dominates the whole-brain T2 figure)")
-    return "\n".join(lines)
-
-
-def check_truth_shape(maps: dict, truth: dict, path) -> None:
-    shape = next(iter(maps.values())).shape if maps else None
-    if shape is not None and truth["T1"].shape != shape:
-        raise UsageError(f"truth file {path} has volumes of shape {truth['T1'].shape} (nz, ny, nx) "
-                         f"but the maps have {shape}: not the truth of this scan")
-
-
-def check_truth_matrix(raw, truth: dict, path) -> None:
-    """Before a long reconstruction: the truth must have the raw header's recon matrix."""
-    from ..io import header, rawfile
-    xml, _ = rawfile.iter_raw(raw)
-    space = header.parse_header(xml).encoding[0].reconSpace.matrixSize
-    want = (int(space.z), int(space.y), int(space.x))
-    if tuple(truth["T1"].shape) != want:
-        raise UsageError(f"truth file {path} has volumes of shape {tuple(truth['T1'].shape)} (nz, ny, nx) "
-                         f"but {raw} has a {want[2]}x{want[1]}x{want[0]} matrix: not the truth of this scan")
-
-
-def replace_group(path: Path, group: str) -> None:
-    """Remove ``group`` from an existing output file (the images would otherwise be appended)."""
-    if not path.exists():
-        return
-    import h5py
-    if not h5py.is_hdf5(path):
-        raise UsageError(f"output {path} exists and is not an HDF5 file; remove it or choose another name")
-    with h5py.File(path, "a") as f:
-        if group in f:
-            del f[group]
-
-
-def run_recon(raw, out, settings: dict, group: str | None, say=None):
-    """gadget.recon_file (the gadget's own code path) -> (maps dict, images, seconds)."""
-    from ..io import map_images
-    from ..node import gadget
-    say = say or (lambda text: None)
-    if group:
-        replace_group(Path(out), group)
-    t0 = time.perf_counter()
-    images = gadget.recon_file(str(raw), str(out), settings, group=group)
-    seconds = time.perf_counter() - t0
-    maps = map_images.images_to_maps([im for im in images if int(im.image_series_index) < 100])
-    say(f"reconstructed {', '.join(k for k in MAP_ORDER if k in maps)} in {seconds:.1f} s -> {out}")
-    return maps, images, seconds

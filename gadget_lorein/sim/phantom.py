@@ -1,5 +1,5 @@
-"""Numerical 3D head phantom, receive-coil sensitivities and receiver-noise covariance (ground truth
-for the simulator).
+"""Numerical 3D head phantom: the ground-truth maps of the simulator (the coils that image it are
+in :mod:`gadget_lorein.sim.coils`, the shared millimetre grids in :mod:`gadget_lorein.sim.grid`).
 
 Geometry is defined in physical millimetres (x = left-right, y = posterior-anterior, z =
 inferior-superior, origin at the voxel of index n//2 along every axis) and sampled at the voxel
@@ -37,10 +37,11 @@ the brain and 0.8-0.9 at its periphery, with a seeded tilt and shift; it is defi
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from .grid import axes_mm, check_shape, ellipsoid, keys_matrix, separable
 
 BACKGROUND, WM, GM, CSF, LESION = 0, 1, 2, 3, 4
 LABEL_NAMES = {BACKGROUND: "background", WM: "WM", GM: "GM", CSF: "CSF", LESION: "lesion"}
@@ -137,44 +138,6 @@ def default_fov_mm(matrix) -> tuple:
     return (vox * nx, vox * ny, vox * nz)
 
 
-def _check_shape(shape, what):
-    shape = tuple(int(v) for v in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"{what} must be 3 positive integers, got {shape}")
-    return shape
-
-
-def _axes_mm(shape_zyx, fov_mm):
-    """Voxel-centre coordinates (z, y, x) in mm, index n//2 at 0."""
-    nz, ny, nx = shape_zyx
-    fx, fy, fz = (float(v) for v in fov_mm)
-    ax = [(np.arange(n) - n // 2) * (f / n) for n, f in ((nz, fz), (ny, fy), (nx, fx))]
-    return ax  # z, y, x
-
-
-def _keys_matrix(n_src: int, t: np.ndarray) -> np.ndarray:
-    """(len(t), n_src) cubic-convolution (Keys, a = -0.5) interpolation weights at positions t
-    given in source-index units; indices beyond the edges are clamped."""
-    t = np.asarray(t, dtype=np.float64)
-    i0 = np.floor(t).astype(np.int64)
-    w = np.zeros((t.size, n_src))
-    rows = np.arange(t.size)
-    for k in (-1, 0, 1, 2):
-        d = np.abs(t - (i0 + k))
-        wk = np.where(d <= 1, (1.5 * d - 2.5) * d * d + 1,
-                      np.where(d < 2, ((-0.5 * d + 2.5) * d - 4) * d + 2, 0.0))
-        np.add.at(w, (rows, np.clip(i0 + k, 0, n_src - 1)), wk)
-    return w
-
-
-def _separable(field: np.ndarray, wz, wy, wx) -> np.ndarray:
-    """Apply 1D matrices along the last three axes of a (..., gz, gy, gx) array -> (..., nz, ny, nx).
-    (np.einsum's own loops: as fast as BLAS here, and immune to a busy multi-threaded BLAS.)"""
-    out = np.einsum("xa,...cba->...cbx", wx, field)
-    out = np.einsum("yb,...cbx->...cyx", wy, out)
-    return np.einsum("zc,...cyx->...zyx", wz, out)
-
-
 class _SmoothField:
     """Unit-variance smooth Gaussian random field on a fixed coarse grid in mm, evaluated anywhere
     by cubic interpolation (fast on grids: separable matrix products)."""
@@ -188,29 +151,20 @@ class _SmoothField:
         k = np.arange(self.n)
         g = np.exp(-0.5 * ((k[:, None] - k[None, :]) / sig) ** 2)
         g /= g.sum(axis=1, keepdims=True)
-        f = _separable(white, g, g, g)
+        f = separable(white, g, g, g)
         self.coarse = f / f.std()
 
     def _index(self, x):
         return (np.asarray(x, dtype=np.float64) + self.half) / _FIELD_SPACING_MM
 
     def on_grid(self, z, y, x) -> np.ndarray:
-        w = [_keys_matrix(self.n, self._index(a)) for a in (z, y, x)]
-        return np.clip(_separable(self.coarse, *w), -TEXTURE_CLIP, TEXTURE_CLIP)
+        w = [keys_matrix(self.n, self._index(a)) for a in (z, y, x)]
+        return np.clip(separable(self.coarse, *w), -TEXTURE_CLIP, TEXTURE_CLIP)
 
     def at_points(self, z, y, x) -> np.ndarray:
-        wz, wy, wx = (_keys_matrix(self.n, self._index(np.ravel(a))) for a in (z, y, x))
+        wz, wy, wx = (keys_matrix(self.n, self._index(np.ravel(a))) for a in (z, y, x))
         v = np.einsum("pc,pb,pa,cba->p", wz, wy, wx, self.coarse)
         return np.clip(v, -TEXTURE_CLIP, TEXTURE_CLIP).reshape(np.shape(z))
-
-
-def _ellipsoid(x, y, z, centre, semi, rot_deg=0.0):
-    """Squared normalised radius of (x, y, z) for an ellipsoid rotated about z."""
-    dx, dy, dz = x - centre[0], y - centre[1], z - centre[2]
-    if rot_deg:
-        c, s = math.cos(math.radians(rot_deg)), math.sin(math.radians(rot_deg))
-        dx, dy = c * dx + s * dy, -s * dx + c * dy
-    return (dx / semi[0]) ** 2 + (dy / semi[1]) ** 2 + (dz / semi[2]) ** 2
 
 
 def _anatomy(x, y, z, fold, vox_mm):
@@ -227,13 +181,13 @@ def _anatomy(x, y, z, fold, vox_mm):
     wm = brain - cortex
     shape = np.broadcast_shapes(np.shape(x), np.shape(y), np.shape(z))
     lab = np.zeros(shape, np.uint8)
-    lab[_ellipsoid(x, y, z, (0, 0, 0), skull) < 1] = CSF
-    r_brain = np.sqrt(_ellipsoid(x, y, z, (0, 0, 0), brain))
+    lab[ellipsoid(x, y, z, (0, 0, 0), skull) < 1] = CSF
+    r_brain = np.sqrt(ellipsoid(x, y, z, (0, 0, 0), brain))
     in_brain = r_brain < 1
     lab[in_brain] = GM
     # GM/WM border: the WM ellipsoid's surface moved outwards by FOLD_MM * fold (gyri where
     # fold > 0, sulci where fold < 0), at least min_cortex below the brain surface
-    r_wm = np.sqrt(_ellipsoid(x, y, z, (0, 0, 0), wm))
+    r_wm = np.sqrt(ellipsoid(x, y, z, (0, 0, 0), wm))
     depth = (1.0 - r_brain) * float(np.cbrt(np.prod(brain)))
     white = ((r_wm - 1.0) * float(np.cbrt(np.prod(wm))) < FOLD_MM * fold) & (depth > min_cortex)
     lab[in_brain & white] = WM
@@ -243,9 +197,9 @@ def _anatomy(x, y, z, fold, vox_mm):
     lab[in_brain & upper & (ax < fiss + medial)] = GM
     lab[in_brain & upper & (ax < fiss)] = CSF
     for c, s, r in DEEP_GM:
-        lab[_ellipsoid(x, y, z, c, s, r) < 1] = GM
+        lab[ellipsoid(x, y, z, c, s, r) < 1] = GM
     for c, s, r in VENTRICLES:
-        lab[_ellipsoid(x, y, z, c, s, r) < 1] = CSF
+        lab[ellipsoid(x, y, z, c, s, r) < 1] = CSF
     return lab
 
 
@@ -281,12 +235,12 @@ def head_phantom(matrix=(64, 64, 48), seed: int = 0, fov_mm=None) -> Phantom:
     voxels, 220 mm in-plane). The anatomy has a fixed physical size (about 140 x 176 x 128 mm);
     a smaller FOV crops it. Everything random (texture, GM/WM border, lesions, B1 tilt) follows
     ``seed`` and is the same at every matrix size."""
-    nx, ny, nz = _check_shape(matrix, "matrix (nx, ny, nz)")
+    nx, ny, nz = check_shape(matrix, "matrix (nx, ny, nz)")
     fov = tuple(float(v) for v in (default_fov_mm((nx, ny, nz)) if fov_mm is None else fov_mm))
     if len(fov) != 3 or min(fov) <= 0:
         raise ValueError(f"fov_mm must be 3 positive numbers (x, y, z), got {fov_mm}")
     vox = max(fov[0] / nx, fov[1] / ny, fov[2] / nz)
-    za, ya, xa = _axes_mm((nz, ny, nx), fov)
+    za, ya, xa = axes_mm((nz, ny, nx), fov)
     z, y, x = za[:, None, None], ya[None, :, None], xa[None, None, :]
 
     rng = np.random.default_rng(seed)
@@ -304,7 +258,7 @@ def head_phantom(matrix=(64, 64, 48), seed: int = 0, fov_mm=None) -> Phantom:
     fold = fold_field.on_grid(za, ya, xa)
     labels = _anatomy(x, y, z, fold, vox)
     for c, semi, rot in lesions:
-        inside = _ellipsoid(x, y, z, c, semi, rot) < 1
+        inside = ellipsoid(x, y, z, c, semi, rot) < 1
         if not inside.any():  # smaller than a voxel: keep the nearest voxel
             idx = tuple(int(np.argmin(np.abs(a - ci))) for a, ci in zip((za, ya, xa), c[::-1]))
             inside = np.zeros(labels.shape, bool)
@@ -332,146 +286,6 @@ def head_phantom(matrix=(64, 64, 48), seed: int = 0, fov_mm=None) -> Phantom:
     b1 = b1 + b1_tilt[0] * x / skull[0] + b1_tilt[1] * y / skull[1] + b1_tilt[2] * z / skull[2]
     b1 = np.clip(b1, 0.7, 1.3).astype(np.float32)
     return Phantom(t1=t1, t2=t2, pd=pd, b1=b1, labels=labels, fov_mm=fov)
-
-
-# ----------------------------------------------------------------------------------------------
-# coils and noise
-# ----------------------------------------------------------------------------------------------
-
-def _loop_field(points, centre, normal, radius, n_seg=24, soft_mm=5.0):
-    """Biot-Savart field (arbitrary units) of a circular current loop at points (N, 3) mm; the
-    distance is softened by soft_mm so that points near the wire stay finite."""
-    normal = normal / np.linalg.norm(normal)
-    a = np.cross(normal, [0.0, 0.0, 1.0])
-    if np.linalg.norm(a) < 1e-6:
-        a = np.cross(normal, [1.0, 0.0, 0.0])
-    a /= np.linalg.norm(a)
-    b = np.cross(normal, a)
-    phi = (np.arange(n_seg) + 0.5) * 2 * np.pi / n_seg
-    seg = centre + radius * (np.cos(phi)[:, None] * a + np.sin(phi)[:, None] * b)      # K, 3
-    dl = radius * (2 * np.pi / n_seg) * (-np.sin(phi)[:, None] * a + np.cos(phi)[:, None] * b)
-    seg, dl = seg.astype(np.float32), dl.astype(np.float32)
-    pts = points.astype(np.float32)
-    field = np.empty(points.shape, np.float64)
-    step = 16384
-    for i0 in range(0, len(pts), step):
-        p = pts[i0:i0 + step]
-        rx = p[:, 0:1] - seg[:, 0]                                                  # N, K
-        ry = p[:, 1:2] - seg[:, 1]
-        rz = p[:, 2:3] - seg[:, 2]
-        inv = (rx * rx + ry * ry + rz * rz + np.float32(soft_mm ** 2)) ** np.float32(-1.5)
-        field[i0:i0 + step, 0] = ((dl[:, 1] * rz - dl[:, 2] * ry) * inv).sum(1)
-        field[i0:i0 + step, 1] = ((dl[:, 2] * rx - dl[:, 0] * rz) * inv).sum(1)
-        field[i0:i0 + step, 2] = ((dl[:, 0] * ry - dl[:, 1] * rx) * inv).sum(1)
-    return field
-
-
-def coil_layout(n_coils: int):
-    """Loop coils on an elliptic cylinder 22 mm outside the skull: up to 8 per ring, rings spread
-    along z (alternate rings rotated by half a step). Returns a list of (centre, inward normal,
-    loop radius) in mm."""
-    n_coils = int(n_coils)
-    if n_coils < 1:
-        raise ValueError(f"n_coils must be >= 1, got {n_coils}")
-    ax, ay = SKULL_SEMI[0] + 22.0, SKULL_SEMI[1] + 22.0
-    n_rings = -(-n_coils // 8)
-    per_ring = [len(a) for a in np.array_split(np.arange(n_coils), n_rings)]
-    zs = [10.0] if n_rings == 1 else list(np.linspace(-1, 1, n_rings) * min(24.0 * (n_rings - 1), 50.0) + 10.0)
-    perimeter = math.pi * (3 * (ax + ay) - math.sqrt((3 * ax + ay) * (ax + 3 * ay)))
-    out = []
-    for r, (n, zc) in enumerate(zip(per_ring, zs)):
-        radius = min(0.55 * perimeter / n, 55.0)
-        if n_rings > 1:
-            radius = min(radius, 0.6 * (zs[1] - zs[0]))
-        for k in range(n):
-            phi = 2 * np.pi * (k + 0.5 * (r % 2)) / n + np.pi / 2
-            c = np.array([ax * math.cos(phi), ay * math.sin(phi), zc])
-            nrm = -np.array([math.cos(phi) / ax, math.sin(phi) / ay, 0.0])
-            out.append((c, nrm / np.linalg.norm(nrm), radius))
-    return out
-
-
-def coil_sensitivities(shape_zyx, n_coils: int = 8, seed: int = 0, fov_mm=None) -> np.ndarray:
-    """Complex64 receive sensitivities (n_coils, nz, ny, nx) of loop coils around the head
-    (``coil_layout``), from the Biot-Savart field by reciprocity, S ~ B_x - i B_y, times a random
-    constant phase per coil (seeded). fov_mm = (x, y, z), default ``default_fov_mm`` of the matrix,
-    i.e. the geometry matches ``head_phantom`` of the same matrix.
-
-    Not normalised to unit root-sum-of-squares: the scale is such that the median RSS inside the
-    skull is 1; for 8 coils the RSS is about 0.6-0.7 in the centre of the brain, 0.4-0.5 at the
-    vertex (the ring sits around the head, like a real head coil), and 2-3 at the brain's
-    periphery next to the coils. sigpy.mri.birdcage_maps is not used: it normalises to RSS = 1.
-    Fields are computed on a grid of at most 24 points per axis and interpolated (cubic), which is
-    exact enough for these smooth fields and fast at any matrix size."""
-    nz, ny, nx = _check_shape(shape_zyx, "shape_zyx (nz, ny, nx)")
-    fov = default_fov_mm((nx, ny, nz)) if fov_mm is None else tuple(float(v) for v in fov_mm)
-    axes = _axes_mm((nz, ny, nx), fov)
-    grids, mats = [], []
-    g_max = 24
-    for a in axes:
-        if a.size <= g_max:
-            grids.append(a)
-            mats.append(None)
-        else:
-            g = np.linspace(a[0], a[-1], g_max)
-            grids.append(g)
-            mats.append(_keys_matrix(g_max, (a - g[0]) / (g[1] - g[0])))
-    gz, gy, gx = np.meshgrid(*grids, indexing="ij")
-    pts = np.stack([gx.ravel(), gy.ravel(), gz.ravel()], axis=1)
-    rng = np.random.default_rng(seed)
-    phases = rng.uniform(0, 2 * np.pi, n_coils)
-    out = np.empty((n_coils, nz, ny, nx), np.complex64)
-    layout = coil_layout(n_coils)
-    coarse = []
-    for c, nrm, rad in layout:
-        b = _loop_field(pts, c, nrm, rad)
-        coarse.append((b[:, 0] - 1j * b[:, 1]).reshape(gz.shape))
-    coarse = np.stack(coarse) * np.exp(1j * phases)[:, None, None, None]
-    # scale: median RSS inside the skull = 1
-    rss = np.sqrt((np.abs(coarse) ** 2).sum(0))
-    inside = _ellipsoid(gx, gy, gz, (0, 0, 0), SKULL_SEMI) < 1
-    scale = 1.0 / np.median(rss[inside]) if inside.any() else 1.0 / np.median(rss)
-    coarse = (coarse * scale).astype(np.complex64)
-    if all(m is None for m in mats):
-        out[:] = coarse
-        return out
-    eye = [(np.eye(len(g)) if m is None else m).astype(np.float32) for g, m in zip(grids, mats)]
-    for i in range(n_coils):
-        re_im = _separable(np.stack([coarse[i].real, coarse[i].imag]), *eye)
-        out[i].real = re_im[0]
-        out[i].imag = re_im[1]
-    return out
-
-
-def noise_covariance(n_coils: int, seed: int = 0, correlation: float = 0.2) -> np.ndarray:
-    """Complex Hermitian positive-definite receiver-noise covariance (n_coils, n_coils), complex128.
-
-    Variances drawn uniformly in [0.7, 1.3]; the correlation matrix is (1 - w) I + w K with K the
-    normalised Gram matrix of random complex rank-3 loadings (rank 1 if ``correlation`` is too
-    large for rank 3), w chosen so that the mean magnitude of the off-diagonal correlation
-    coefficients equals ``correlation`` (0 <= correlation < 1)."""
-    n_coils = int(n_coils)
-    if n_coils < 1:
-        raise ValueError(f"n_coils must be >= 1, got {n_coils}")
-    if not 0.0 <= correlation < 1.0:
-        raise ValueError(f"correlation must be in [0, 1), got {correlation}")
-    rng = np.random.default_rng(seed)
-    var = rng.uniform(0.7, 1.3, n_coils)
-    corr = np.eye(n_coils, dtype=np.complex128)
-    if n_coils > 1 and correlation > 0:
-        off = ~np.eye(n_coils, dtype=bool)
-        for rank in (3, 1):
-            load = rng.standard_normal((n_coils, rank)) + 1j * rng.standard_normal((n_coils, rank))
-            k = load @ load.conj().T
-            d = np.sqrt(np.real(np.diag(k)))
-            k = k / d[:, None] / d[None, :]
-            w = correlation / np.abs(k[off]).mean()
-            if w < 0.98 or rank == 1:
-                break
-        corr = (1 - w) * np.eye(n_coils) + w * k
-    s = np.sqrt(var)
-    cov = s[:, None] * corr * s[None, :]
-    return 0.5 * (cov + cov.conj().T)
 
 
 # ----------------------------------------------------------------------------------------------

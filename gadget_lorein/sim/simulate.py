@@ -3,7 +3,7 @@
 Images of frame t are PD * s_t(T1, T2, B1) inside the head (zero outside); coil images are the
 product with smooth complex receive sensitivities; k-space is their centred orthonormal 3D FFT,
 sampled on the (ky, kz) lines of each frame's mask, plus complex Gaussian receiver noise that is
-correlated across coils (covariance ``noise_covariance``) and of standard deviation
+correlated across coils (covariance ``coils.noise_covariance``) and of standard deviation
 ``noise`` x (the largest contrast-image magnitude), per real and imaginary part.
 A noise-only scan with the same covariance is returned for prewhitening.
 
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import phantom as ph
+from .coils import coil_sensitivities, noise_covariance
 from . import sampling
 from ..physics import sequences
 from ..data import KSpaceLines, Scan
@@ -133,11 +134,11 @@ def simulate(proto: Protocol, matrix=(64, 64, 48), n_coils=8, accel=16.0, noise=
                                   pattern, n_noise)
     nx, ny, nz = (int(v) for v in matrix)
     phantom = ph.head_phantom((nx, ny, nz), seed=seed)
-    coils = ph.coil_sensitivities((nz, ny, nx), n_coils, seed=seed).astype(np.complex64)
+    coils = coil_sensitivities((nz, ny, nx), n_coils, seed=seed).astype(np.complex64)
     # prescan normalisation (as a body-coil reference scan gives): unit root-sum-of-squares, so
     # the reconstructed PD is PD itself rather than PD x the receive field
     coils = coils / np.sqrt((np.abs(coils) ** 2).sum(0, keepdims=True)).clip(1e-12)
-    cov = ph.noise_covariance(n_coils, seed=seed)
+    cov = noise_covariance(n_coils, seed=seed)
     n_frames = proto.n_frames
     # union by default: the calibration block is shared out among the frames, which leaves room
     # for a block large enough for good coil maps even at R=48 with five contrasts
@@ -325,12 +326,12 @@ def simulate_realistic(proto: Protocol, matrix=(64, 64, 48), n_coils=8, accel=16
     fine = fine_phantom((nx, ny, nz), seed=seed)
     truth, pure = ph.block_average(fine, FINE)
     fshape = fine.shape
-    coils_f = ph.coil_sensitivities(fshape, n_coils, seed=seed, fov_mm=fine.fov_mm)
+    coils_f = coil_sensitivities(fshape, n_coils, seed=seed, fov_mm=fine.fov_mm)
     coils_f = coils_f.astype(np.complex64)
     coils_f /= np.sqrt((np.abs(coils_f) ** 2).sum(0, keepdims=True)).clip(1e-12)
-    coils = ph.coil_sensitivities(shape, n_coils, seed=seed, fov_mm=fine.fov_mm).astype(np.complex64)
+    coils = coil_sensitivities(shape, n_coils, seed=seed, fov_mm=fine.fov_mm).astype(np.complex64)
     coils /= np.sqrt((np.abs(coils) ** 2).sum(0, keepdims=True)).clip(1e-12)
-    cov = ph.noise_covariance(n_coils, seed=seed)
+    cov = noise_covariance(n_coils, seed=seed)
     chol = np.linalg.cholesky(cov)
     white = torch.from_numpy(np.linalg.inv(chol).astype(np.complex64))
     n_frames = proto.n_frames

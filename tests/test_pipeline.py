@@ -1,4 +1,5 @@
-"""The reconstruction path: settings, device fallback, and LoREIN against the baselines."""
+"""recon/pipeline.py, the reconstruction path: settings, device fallback, the typed maps it returns,
+and LoREIN against the baselines."""
 from unittest import mock
 
 import numpy as np
@@ -105,9 +106,10 @@ def test_coil_batches_give_the_same_fit(tiny):
         torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-5 * float(u.abs().max()))
     a = recon.reconstruct(tiny.scan, recon.ReconSettings(method="lorein", iterations=5))
     b = recon.reconstruct(tiny.scan, recon.ReconSettings(method="lorein", iterations=5, coil_batch=1))
-    for k in a.maps:
-        close = np.isclose(a.maps[k], b.maps[k], rtol=1e-3, atol=1e-3 * np.abs(a.maps[k]).max())
-        worst = np.max(np.abs(a.maps[k] - b.maps[k])) / np.abs(a.maps[k]).max()
+    for k, u in a.maps.as_dict().items():
+        v = b.maps.as_dict()[k]
+        close = np.isclose(u, v, rtol=1e-3, atol=1e-3 * np.abs(u).max())
+        worst = np.max(np.abs(u - v)) / np.abs(u).max()
         assert close.mean() > 0.995 and worst < 0.03, (k, close.mean(), worst)
 
 
@@ -124,8 +126,9 @@ def test_nan_in_data_is_refused(tiny):
 def test_cpu_fit_is_deterministic(tiny):
     a = recon.reconstruct(tiny.scan, recon.ReconSettings(method="lorein", iterations=5))
     b = recon.reconstruct(tiny.scan, recon.ReconSettings(method="lorein", iterations=5))
-    for k in a.maps:
-        np.testing.assert_array_equal(a.maps[k], b.maps[k])
+    for u, v in zip(a.maps.as_dict().values(), b.maps.as_dict().values()):
+        np.testing.assert_array_equal(u, v)
+    np.testing.assert_array_equal(a.maps.mask, b.maps.mask)
 
 
 def test_coil_compression_keeps_the_maps(tiny):
@@ -134,7 +137,7 @@ def test_coil_compression_keeps_the_maps(tiny):
     assert cc.info["coils"] == 3 and full.info["coils"] == 4
     truth = tiny.truth()
     e_full, e_cc = metrics.map_errors(full.maps, truth), metrics.map_errors(cc.maps, truth)
-    assert all(np.isfinite(cc.maps[k]).all() for k in cc.maps)
+    assert all(np.isfinite(v).all() for v in cc.maps.as_dict().values())
     assert e_cc["T1"] < e_full["T1"] + 0.1, (e_full, e_cc)
     with pytest.raises(recon.ReconError, match="virtual_coils=9"):
         recon.reconstruct(tiny.scan, recon.ReconSettings(method="cg", virtual_coils=9))
@@ -170,8 +173,9 @@ def test_speed_switches_keep_the_maps(tiny):
         b = recon.reconstruct(tiny.scan, recon.ReconSettings(method="lorein", iterations=60, **kw))
         e = metrics.map_errors(a.maps, truth)
         assert a.info["iterations"] == 60, (kw, a.info["iterations"])
-        for k in ("T1", "T2", "PD"):
-            np.testing.assert_array_equal(a.maps[k], b.maps[k])
+        for k, u, v in (("T1", a.maps.t1, b.maps.t1), ("T2", a.maps.t2, b.maps.t2),
+                        ("PD", a.maps.pd, b.maps.pd)):
+            np.testing.assert_array_equal(u, v)
             assert e[k] < e_base[k] + 0.25, (kw, k, e, e_base)
 
 
@@ -370,3 +374,17 @@ def test_held_out_rule_goes_back_past_a_minimum_and_runs_on_along_a_plateau():
     rule = HeldOutRule(0.01, 200)
     plateau = [(440, .000874), (460, .000876), (480, .000872), (500, .000875), (700, .000871), (900, .000872)]
     assert [rule.update(s, v) for s, v in plateau] == ["keep"] * 6 and rule.kept == 900
+
+
+def test_the_result_is_typed_maps_with_the_support_as_mask(tiny):
+    """ReconResult.maps is a data.Maps: T1, T2, PD (B1 None for qalas, which does not encode it),
+    zero outside the mask, which is the result's support; as_dict() names them as images do."""
+    res = recon.reconstruct(tiny.scan, recon.ReconSettings(method="zerofill"))
+    maps = res.maps
+    assert isinstance(maps, recon.Maps) and maps.b1 is None
+    assert res.support is maps.mask and maps.mask.dtype == bool and maps.mask.any()
+    assert list(maps.as_dict()) == ["T1", "T2", "PD"]
+    for v in (maps.t1, maps.t2, maps.pd):
+        assert v.dtype == np.float32 and v.shape == maps.mask.shape and not v[~maps.mask].any()
+    again = recon.Maps.from_dict(maps.as_dict(), maps.mask)
+    assert again.as_dict().keys() == maps.as_dict().keys() and again.b1 is None
