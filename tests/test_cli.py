@@ -241,7 +241,10 @@ def test_every_setting_is_an_option():
     """recon and serve take every setting as --name-with-dashes; the same validator as the chain."""
     from gadget_lorein import settings
     values = {"method": "pmr", "device": "cpu", "coil_maps": "espirit", "protocol": "qalas",
-              "output": "maps+coefficients", "log_level": "DEBUG"}
+              "output": "maps+coefficients", "log_level": "DEBUG", "synthetic": "FLAIR,DIR",
+              "synthetic_t1w": "600,12", "synthetic_t2w": "5000,90", "synthetic_pdw": "2500,12",
+              "synthetic_flair": "10000,100,2600", "synthetic_stir": "4000,40,200",
+              "synthetic_dir": "7000,20,3000,500"}
     for command in ("recon", "serve"):
         argv = [command] + (["in.h5", "-o", "out.h5"] if command == "recon" else [])
         for s in settings.SETTINGS:

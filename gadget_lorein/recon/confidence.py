@@ -1,0 +1,124 @@
+"""Per-voxel confidence of the maps: the Cramér-Rao standard deviation of T1, T2 (and B1) under the
+sequence's own signal model, at the fitted values (torch and numpy; no ISMRMRD).
+
+Model of one voxel: frame t of coil c is y_ct = S_c PD s_t(T1, T2, B1) + n, with s the protocol's
+signal model (physics/sequences.py, the one the dictionary and the fit use), S_c the whitened coil
+sensitivities and n circular complex Gaussian noise of variance ``noise_var`` per k-space sample
+(1 after prewhitening with the noise scan). The unknowns are T1, T2, B1 (where the protocol encodes
+it) and the complex PD (two real nuisance parameters). The Fisher information is
+
+    F = (2 / noise_var) sum_c |S_c|^2 sum_t f_t Re(J_t^H J_t),   J_t = d(PD s_t) / d(T1, T2, B1, Re PD, Im PD)
+
+and the bound is SD(theta_i) = sqrt((F^-1)_ii). The Jacobian is taken by forward finite differences
+of the signal model (relative step 1e-3 in float64 for QALAS, 1e-2 in float32 for the MRF EPG).
+
+The approximation, stated: f_t is the fraction of the (kz, ky) grid sampled in frame t. A fully
+sampled frame with orthonormal FFTs gives each voxel the information of one noisy sample per coil;
+an undersampled frame is taken to give the fraction f_t of it, as if the missing lines cost SNR
+only (sqrt(R)), with no aliasing, no g-factor (no coil-geometry noise amplification) and no
+regularisation. It is therefore a bound for an unbiased, unregularised estimator; a regularised
+fit (LLR, the LoREIN networks) can have a smaller variance than this and a bias it does not show,
+and the g-factor at high R makes the true noise larger. Its use is relative: which voxels are
+poorly determined by this sequence at this SNR (short T2 in a T1-weighted train, tiny PD, long T1
+in CSF, ...); benchmarks/confidence.py measures how its ranking follows the actual error.
+
+A voxel is undetermined where SD(T1)/T1 or SD(T2)/T2 exceeds ``max_rel_sd`` (setting
+``confidence_max_rel_sd``), or where F is singular.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..physics import sequences
+
+SERIES = {"T1_SD": 21, "T2_SD": 22, "B1_SD": 24, "UNDETERMINED": 25}
+UNITS = {"T1_SD": "ms", "T2_SD": "ms", "B1_SD": "fraction", "UNDETERMINED": "flag"}
+SD_CAP = 1e6          # SDs are written at most this large (a singular F gives infinity)
+
+
+@dataclass
+class NoiseModel:
+    """What the bound needs from the reconstruction (recon.pipeline fills it)."""
+    coil_rss2: np.ndarray          # (nz, ny, nx): sum_c |S_c|^2 of the whitened coil maps
+    frame_fraction: np.ndarray     # (frames,): sampled fraction of the (kz, ky) grid per frame
+    noise_var: float               # noise variance per k-space sample (1 after prewhitening)
+    pd_scale: float                # PD map x pd_scale = |PD| in the data's units
+
+
+def noise_variance_from_lines(data: np.ndarray, edge: float = 0.125) -> float:
+    """Noise variance per sample without a noise scan: the mean |y|^2 over the outer ``edge`` of
+    each readout on both sides (mostly noise for an object well inside the FOV; an over-estimate
+    when the object's high frequencies reach there). ``data``: (lines, coils, nx)."""
+    nx = data.shape[-1]
+    n = max(1, int(edge * nx))
+    outer = np.concatenate([data[..., :n], data[..., nx - n:]], axis=-1)
+    return float(np.mean(np.abs(outer) ** 2))
+
+
+def _signal(proto, t1, t2, b1):
+    return sequences.signal(proto, t1, t2, b1)
+
+
+def fisher_sd(proto, t1, t2, b1, pd, weight, frame_fraction, noise_var: float = 1.0,
+              chunk: int = 8192) -> dict:
+    """Cramér-Rao SDs for voxels given as 1D arrays (T1, T2 ms; B1 fraction; |PD| in data units;
+    ``weight`` = sum_c |S_c|^2). Returns {'T1': sd, 'T2': sd, ['B1': sd]} (float64 arrays; inf
+    where F is singular)."""
+    encodes = bool(proto.encodes_b1)
+    dtype = torch.float64 if proto.kind == "qalas" else torch.float32
+    step = 1e-3 if dtype == torch.float64 else 1e-2
+    f = torch.as_tensor(np.asarray(frame_fraction, np.float64))
+    names = ["T1", "T2"] + (["B1"] if encodes else [])
+    out = {k: np.empty(len(t1)) for k in names}
+    for i in range(0, len(t1), chunk):
+        sl = slice(i, i + chunk)
+        p = [torch.as_tensor(np.asarray(a[sl], np.float64)).to(dtype) for a in (t1, t2, b1)]
+        base = _signal(proto, *p)
+        cols = []
+        for j in range(len(names)):
+            h = step * (p[j] if j < 2 else torch.ones_like(p[j]))
+            moved = [q + h if k == j else q for k, q in enumerate(p)]
+            cols.append((_signal(proto, *moved) - base) / h[:, None])
+        base = base.to(torch.complex128)
+        mag = torch.as_tensor(np.asarray(pd[sl], np.float64))[:, None]
+        jac = torch.stack([mag * c.to(torch.complex128) for c in cols] + [base, 1j * base], dim=-1)
+        fis = torch.einsum("vtp,vtq,t->vpq", jac.conj(), jac, f.to(torch.complex128)).real
+        fis = fis * (2.0 / noise_var) * torch.as_tensor(np.asarray(weight[sl], np.float64))[:, None, None]
+        # scale to unit diagonal before inverting (T1 in ms and PD differ by orders of magnitude)
+        d = fis.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).sqrt()
+        corr = fis / (d[:, :, None] * d[:, None, :])
+        eye = torch.eye(corr.shape[-1], dtype=corr.dtype)
+        inv, info = torch.linalg.inv_ex(corr + 1e-12 * eye)
+        var = inv.diagonal(dim1=-2, dim2=-1) / d ** 2
+        bad = (info != 0)[:, None] | ~torch.isfinite(var) | (var <= 0)
+        sd = torch.where(bad, torch.full_like(var, np.inf), var.clamp_min(0).sqrt())
+        for j, k in enumerate(names):
+            out[k][sl] = sd[:, j].numpy()
+    return out
+
+
+def confidence_maps(proto, maps: dict, support: np.ndarray, noise: NoiseModel,
+                    max_rel_sd: float = 0.5) -> dict:
+    """{'T1_SD', 'T2_SD', ['B1_SD'], 'UNDETERMINED'}: (nz, ny, nx) float32 volumes, 0 outside the
+    support; SDs in the maps' units (capped at SD_CAP), UNDETERMINED 1 where SD(T1)/T1 or
+    SD(T2)/T2 > ``max_rel_sd`` or the bound is infinite, else 0."""
+    sup = np.asarray(support, bool) & (np.asarray(maps["T1"]) > 0) & (np.asarray(maps["T2"]) > 0)
+    t1 = np.asarray(maps["T1"], np.float64)[sup]
+    t2 = np.asarray(maps["T2"], np.float64)[sup]
+    b1 = np.asarray(maps["B1"], np.float64)[sup] if "B1" in maps else np.ones_like(t1)
+    pd = np.abs(np.asarray(maps["PD"], np.float64)[sup]) * noise.pd_scale
+    sd = fisher_sd(proto, t1, t2, b1, pd, np.asarray(noise.coil_rss2, np.float64)[sup],
+                   noise.frame_fraction, noise.noise_var)
+    rel = np.maximum(sd["T1"] / t1, sd["T2"] / t2)
+    out = {}
+    for k, v in sd.items():
+        vol = np.zeros(sup.shape, np.float32)
+        vol[sup] = np.minimum(v, SD_CAP)
+        out[f"{k}_SD"] = vol
+    flag = np.zeros(sup.shape, np.float32)
+    flag[sup] = ~(rel <= max_rel_sd)
+    out["UNDETERMINED"] = flag
+    return out
