@@ -91,15 +91,21 @@ def test_undetermined_voxels_are_marked_and_the_bound_is_cheap():
     assert np.all(conf["T1_SD"][-1] == 0) and np.all(conf["UNDETERMINED"][-1] == 0)
 
 
-def test_mrf_gives_a_b1_bound():
+def test_mrf_gives_a_b1_bound_and_the_subspace_bound_is_close_to_the_models():
+    from gadget_lorein.physics.subspace import build_subspace
     proto = protocol.load("mrf")
     assert proto.encodes_b1
-    sd = confidence.fisher_sd(proto, np.array([800.0, 1300.0]), np.array([80.0, 110.0]),
-                              np.array([1.0, 0.9]), np.full(2, 10.0), np.ones(2),
-                              np.full(proto.n_frames, 1 / 200))
-    assert sorted(sd) == ["B1", "T1", "T2"]
-    for v in sd.values():
-        assert np.all(np.isfinite(v) & (v > 0))
+    args = (np.array([800.0, 1300.0]), np.array([80.0, 110.0]), np.array([1.0, 0.9]),
+            np.full(2, 10.0), np.ones(2), np.full(proto.n_frames, 1 / 200))
+    exact = confidence.fisher_sd(proto, *args)
+    table = confidence.fisher_sd(proto, *args, subspace=build_subspace(proto))
+    assert sorted(exact) == sorted(table) == ["B1", "T1", "T2"]
+    for k in exact:
+        assert np.all(np.isfinite(exact[k]) & (exact[k] > 0))
+        ratio = table[k] / exact[k]
+        print(k, ratio)
+        # the subspace's bound is the higher one (the fit cannot use what leaves the subspace)
+        assert np.all((ratio > 0.97) & (ratio < {"T1": 1.1, "T2": 1.5, "B1": 2.0}[k])), (k, ratio)
 
 
 def test_without_a_noise_scan_the_noise_comes_from_the_readout_edges():

@@ -240,12 +240,32 @@ def _reconstruct(scan: Scan, settings: ReconSettings, progress=None, protocol=No
                 x = baselines.llr_recon(op, iters=it or 80)
             maps = match_maps(sub, x, support, proto.encodes_b1)
     sup_np = support.cpu().numpy()
+    gain = data_scale(op, sub, maps, support)
+    info["data_scale"] = gain
     noise = confidence.NoiseModel(
         coil_rss2=(op.maps.abs() ** 2).sum(0).cpu().numpy(), frame_fraction=info.pop("_frame_fraction"),
-        noise_var=info["noise_var"], pd_scale=pd_reference(maps["PD"].detach().cpu().numpy(), sup_np))
+        noise_var=info["noise_var"],
+        pd_scale=gain * pd_reference(maps["PD"].detach().cpu().numpy(), sup_np))
     out, sup = finish_maps(maps, support)
     info["method"] = settings.method
     return ReconResult(out, sup, timings, info, subspace=sub.to("cpu"), noise=noise)
+
+
+def data_scale(op: SubspaceOperator, sub: SubspaceModel, maps: dict, support: torch.Tensor) -> float:
+    """The least-squares gain a of the maps' model signal X = PD U^H s(T1, T2, B1) against the
+    data, min ||a A X - y||: 1 when PD is in the data's units (a fit), far from it when the
+    method's PD is not (zero-filled matching of a sparse MRF train picks up the cross-talk between
+    coefficients, PD 50x too high). The confidence maps use PD x a, the signal the data support."""
+    with torch.no_grad():
+        def vox(name):
+            return maps[name].detach()[support].real.float() if name in maps else None
+        c = maps["PD"].detach()[support].to(torch.complex64)[:, None] * sub.coefficients(
+            vox("T1").clamp_min(1e-3), vox("T2").clamp_min(1e-3), vox("B1"))
+        x = torch.zeros((sub.rank,) + tuple(support.shape), dtype=torch.complex64, device=support.device)
+        x[:, support] = c.T.to(x.device)
+        num = float((x.conj() * op.adjoint_data()).sum().real)
+        den = float((x.conj() * op.normal(x)).sum().real)
+    return num / den if den > 0 and num > 0 else 1.0
 
 
 def model_coefficients(result: ReconResult) -> np.ndarray:
