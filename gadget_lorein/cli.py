@@ -142,6 +142,29 @@ def _settings(args):
         raise UsageError(str(err)) from None
 
 
+def _derived_figure(images, path, maps, truth, title) -> bool:
+    """The synthetic images and confidence maps among ``images`` -> a figure (False: none sent)."""
+    from . import plots
+    from .io import map_images
+    from .recon import synthetic
+    synth = map_images.images_to_maps(images, "synthetic")
+    conf = map_images.images_to_maps(images, "confidence")
+    if not synth and not conf:
+        return False
+    true_synth = None
+    if truth is not None and synth:
+        timings = {m.meta["LOREIN_Map"]: _timing_of(m) for m in images
+                   if m.meta.get("LOREIN_Kind") == "synthetic"}
+        true_synth = synthetic.synthetic_images(truth, timings)
+    plots.derived_figure(synth, conf, path, maps=maps, truth_synthetic=true_synth, title=title)
+    return True
+
+
+def _timing_of(image) -> tuple:
+    """(TR, TE, ...) from a synthetic image's LOREIN_Timing meta."""
+    return tuple(float(v) for v in str(image.meta["LOREIN_Timing"]).split(","))
+
+
 def cmd_recon(args) -> int:
     raw = _check_input(args.input, "raw file")
     out = _check_output(args.out, "output")
@@ -162,6 +185,9 @@ def cmd_recon(args) -> int:
         method = settings.recon.method
         plots.maps_figure(maps, png, truth=truth, title=f"{method} reconstruction of {raw.name}")
         _say(args, f"wrote {png}")
+        derived = png.with_name(png.stem + "_synthetic.png")
+        if _derived_figure(images, derived, maps, truth, f"{method} reconstruction of {raw.name}"):
+            _say(args, f"wrote {derived} (synthetic images and confidence maps)")
     print(f"{out}: {len(images)} images ({', '.join(k for k in MAP_ORDER if k in maps)}), "
           f"{seconds:.1f} s")
     return 0
@@ -250,9 +276,12 @@ def cmd_demo(args) -> int:
     _check_truth_shape(maps, truth, truth_path)
     from . import plots
     nx, ny, nz = plan["matrix"]
-    plots.maps_figure(maps, png, truth=truth,
-                      title=f"{method} | {proto.name}, {nx}x{ny}x{nz}, {plan['n_coils']} coils, "
-                            f"R = {plan['accel']:g}, {noise_text(plan)}")
+    title = (f"{method} | {proto.name}, {nx}x{ny}x{nz}, {plan['n_coils']} coils, "
+             f"R = {plan['accel']:g}, {noise_text(plan)}")
+    plots.maps_figure(maps, png, truth=truth, title=title)
+    derived = out / "synthetic.png"
+    if not _derived_figure(images, derived, maps, truth, title) and derived.exists():
+        derived.unlink()
     total = time.perf_counter() - t_all
     print(nrmse_table(maps, truth))
     print(f"\nsimulation {t_sim:.1f} s, reconstruction {t_rec:.1f} s, total {total:.1f} s")
@@ -261,8 +290,10 @@ def cmd_demo(args) -> int:
                        (truth_path, "ground truth (T1, T2, PD, labels, brain mask)"),
                        (out / "simulation.png", "ground truth and one undersampled contrast"),
                        (maps_path, f"maps as ISMRMRD images (group '{DEMO_GROUP}')"),
-                       (png, "truth, maps and error per map")):
-        print(f"  {path.name:<15} {what}")
+                       (png, "truth, maps and error per map"),
+                       (derived, "synthetic weighted images (truth, reconstruction), confidence")):
+        if path.exists():
+            print(f"  {path.name:<15} {what}")
     return 0
 
 

@@ -161,3 +161,51 @@ def maps_figure(maps: dict, path, truth: dict | None = None, title: str = "") ->
                ERROR_RANGES.get(name, hi - lo), f"|error| [{unit}]")
     fig.suptitle((title + "; " if title else "") + (f"slice z = {z}" if z is not None else ""), fontsize=11)
     _save(fig, path)
+
+
+CONFIDENCE_ORDER = ("T1_SD", "T2_SD", "B1_SD")
+
+
+def derived_figure(synthetic: dict, confidence: dict, path, maps: dict | None = None,
+                   truth_synthetic: dict | None = None, title: str = "") -> None:
+    """Synthetic weighted images and confidence maps (central axial slice): a row of the synthetic
+    images from the truth (``truth_synthetic``, when given), a row from the reconstruction, and a
+    row of the Cramér-Rao SDs (T1, T2, B1) with the undetermined voxels drawn in red over PD
+    (``maps``)."""
+    names = list(synthetic)
+    conf = [k for k in CONFIDENCE_ORDER if k in confidence]
+    ncol = max(len(names), len(conf) + 1, 1)
+    rows = [r for r in (truth_synthetic, synthetic) if r] + ([confidence] if confidence else [])
+    if not rows:
+        raise ValueError("nothing to draw")
+    fig = Figure(figsize=(3.1 * ncol, 2.9 * len(rows) + 0.5), layout="constrained")
+    axes = np.asarray(fig.subplots(len(rows), ncol, squeeze=False))
+    r = 0
+    for label, imgs in (("true", truth_synthetic), ("", synthetic)):
+        if not imgs:
+            continue
+        for j, name in enumerate(names):
+            ref = synthetic[name]          # one window per contrast, from the reconstruction
+            hi = float(np.percentile(ref[ref > 0], 99.5)) if np.any(ref > 0) else 1.0
+            _panel(fig, axes[r, j], _slice(imgs[name]), f"{label} {name}".strip(), "gray", 0, hi, "a.u.")
+        for ax in axes[r, len(names):]:
+            ax.axis("off")
+        r += 1
+    if confidence:
+        for j, name in enumerate(conf):
+            vol = np.asarray(confidence[name], np.float64)
+            v = vol[vol > 0]
+            hi = float(np.percentile(v, 95)) if v.size else 1.0
+            unit = "fraction" if name == "B1_SD" else "ms"
+            _panel(fig, axes[r, j], _slice(vol), f"{name[:2]} SD (Cramér-Rao)", "inferno", 0, hi, unit)
+        ax = axes[r, len(conf)]
+        base = _slice(maps["PD"]) if maps is not None and "PD" in maps else np.zeros_like(_slice(vol))
+        _panel(fig, ax, base, "undetermined (red)", "gray", 0, 1.2, "PD [a.u.]")
+        flag = _slice(confidence.get("UNDETERMINED", np.zeros_like(vol)))
+        ax.imshow(np.ma.masked_where(flag <= 0, flag), cmap="autumn", vmin=0, vmax=1, origin="lower",
+                  interpolation="nearest", alpha=0.8)
+        for ax in axes[r, len(conf) + 1:]:
+            ax.axis("off")
+    z = np.asarray(next(iter(synthetic.values()) if synthetic else confidence[conf[0]])).shape[0] // 2
+    fig.suptitle((title + "; " if title else "") + f"slice z = {z}", fontsize=11)
+    _save(fig, path)

@@ -201,10 +201,14 @@ def test_simulate_then_recon_round_trip(tmp_path):
     assert {im.meta["LOREIN_Method"] for im in images} == {"CG"}
     # the same group again is replaced, not appended to; another group sits beside it
     assert run(*args, "-q").returncode == 0
-    assert len(map_images.read_images(out, "cg")) == 3
-    res = run("recon", raw, "-o", out, "--method", "zerofill", "-G", "zf", "--images-2d", "-q")
+    n = 3 + 5 + 3          # maps, synthetic images, confidence (T1 SD, T2 SD, undetermined)
+    assert len(map_images.read_images(out, "cg")) == n
+    assert sorted(map_images.images_to_maps(images, "synthetic")) == sorted(["T1w", "T2w", "PDw", "FLAIR", "STIR"])
+    assert fig.with_name("maps_synthetic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = run("recon", raw, "-o", out, "--method", "zerofill", "-G", "zf", "--images-2d", "-q",
+              "--synthetic", "none", "--no-confidence")
     assert res.returncode == 0, res.stderr
-    assert len(map_images.read_images(out, "zf")) == 3 * 16 and len(map_images.read_images(out, "cg")) == 3
+    assert len(map_images.read_images(out, "zf")) == 3 * 16 and len(map_images.read_images(out, "cg")) == n
 
     # truth of another scan: a clear error
     other = tmp_path / "other_truth.npz"
@@ -219,7 +223,7 @@ def test_demo_tiny(tmp_path):
     res = run("demo", "--out", out, "--matrix", 16, 16, 8, "--coils", 4, "--accel", 4, "--method", "lorein",
               "--iterations", 3)
     assert res.returncode == 0, res.stderr
-    for name in ("raw.h5", "truth.npz", "maps.h5", "maps.png", "simulation.png"):
+    for name in ("raw.h5", "truth.npz", "maps.h5", "maps.png", "simulation.png", "synthetic.png"):
         assert (out / name).is_file(), name
         assert name in res.stdout
     rows = _nrmse_rows(res.stdout)
