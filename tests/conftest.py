@@ -262,11 +262,12 @@ def check_images(images, case, method_label, derived=True):
         head = img.getHead()
         kind = meta(img, "LOREIN_Kind")
         assert meta(img, "LOREIN_Method") == method_label
-        assert meta(img, "ImageType").startswith("DERIVED\\") and meta(img, "SeriesDescription")
+        assert img.meta["ImageType"][0] == "DERIVED" and meta(img, "SeriesDescription")
         assert float(meta(img, "WindowWidth")) > 0
         if kind == "synthetic":
             assert img.image_series_index == SYNTHETIC_SERIES[name]
             assert meta(img, "SeriesDescription").startswith(f"LOREIN synthetic {name} TR ")
+            assert float(meta(img, "EchoTime")) > 0 and float(meta(img, "RepetitionTime")) > 0
         elif kind == "confidence":
             assert img.image_series_index == CONFIDENCE_SERIES[name]
             assert meta(img, "LOREIN_Unit") == ("flag" if name == "UNDETERMINED" else UNITS[name[:2]])

@@ -220,7 +220,8 @@ def test_by_name_as_shipped_qalas(server, qalas_tiny, shipped_reference, tmp_pat
     for n, name in series.items():
         kind = "QMAP" if n < 10 else "SYNTHETIC" if n < 20 else "CONFIDENCE"
         assert described[n][0] == name and name.split("_")[0].lower() in described[n][1].lower()
-        assert described[n][2].startswith("DERIVED\\") and described[n][2].endswith(f"{kind}\\{name.upper()}")
+        assert described[n][2] == ["DERIVED", "SECONDARY" if kind == "CONFIDENCE" else "PRIMARY",
+                                   kind, name.upper()]
 
 
 @pytest.mark.timeout(600)

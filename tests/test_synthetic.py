@@ -83,10 +83,10 @@ def test_synthetic_images_are_derived_series_with_pacs_meta(truth):
     assert len(set(series)) == len(series) and series[3:] == [11, 12, 13, 14, 15, 16]
     flair = imgs[3].meta
     assert flair["SeriesDescription"] == "LOREIN synthetic FLAIR TR 9000 TE 90 TI 2500"
-    assert flair["ImageType"] == "DERIVED\\PRIMARY\\SYNTHETIC\\FLAIR"
+    assert flair["ImageType"] == ["DERIVED", "PRIMARY", "SYNTHETIC", "FLAIR"]
     assert flair["LOREIN_Kind"] == "synthetic" and flair["LOREIN_Map"] == "FLAIR"
     assert float(flair["WindowWidth"]) > 0 and flair["WindowCenter"] == flair["GADGETRON_WindowCenter"]
-    assert maps[0].meta["ImageType"] == "DERIVED\\PRIMARY\\QMAP\\T1"
+    assert maps[0].meta["ImageType"] == ["DERIVED", "PRIMARY", "QMAP", "T1"]
     back = map_images.images_to_maps(maps + imgs, kind="synthetic")
     assert sorted(back) == sorted(vols) and np.allclose(back["T2w"], vols["T2w"])
     assert sorted(map_images.images_to_maps(maps + imgs)) == ["PD", "T1", "T2"]

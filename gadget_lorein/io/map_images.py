@@ -68,15 +68,15 @@ def _set_geometry(img: ismrmrd.Image, g: Geometry, position, fov, slice_index: i
     img.patient_table_position = _vec3(g.patient_table_position)
 
 
-# the names a PACS-bound chain reads (python-ismrmrd-server's mrd2dicom and similar converters
-# copy these into the DICOM elements of the same name)
+# the names a PACS-bound chain reads (python-ismrmrd-server's mrd2dicom.py copies these meta
+# attributes into the DICOM elements of the same name; ImageType as a list: DICOM's multi-value)
 META_SERIES_DESCRIPTION = "SeriesDescription"
 META_PACS_WINDOW_CENTER = "WindowCenter"
 META_PACS_WINDOW_WIDTH = "WindowWidth"
 META_IMAGE_TYPE = "ImageType"
 META_KIND = "LOREIN_Kind"          # map, synthetic or confidence
-IMAGE_TYPES = {"map": "DERIVED\\PRIMARY\\QMAP", "synthetic": "DERIVED\\PRIMARY\\SYNTHETIC",
-               "confidence": "DERIVED\\SECONDARY\\CONFIDENCE"}
+IMAGE_TYPES = {"map": ["DERIVED", "PRIMARY", "QMAP"], "synthetic": ["DERIVED", "PRIMARY", "SYNTHETIC"],
+               "confidence": ["DERIVED", "SECONDARY", "CONFIDENCE"]}
 
 
 def _volume_images(name: str, vol, geometry: Geometry, series: int, as_2d: bool,
@@ -120,7 +120,7 @@ def _meta(name: str, unit: str, role: str, description: str, kind: str, method: 
         META_IMAGE_COMMENT: f"{name}_{unit}",
         META_SEQ_DESCRIPTION: f"LOREIN_{name}",
         META_SERIES_DESCRIPTION: description,
-        META_IMAGE_TYPE: f"{IMAGE_TYPES[kind]}\\{name.upper()}",
+        META_IMAGE_TYPE: IMAGE_TYPES[kind] + [name.upper()],
         META_PROCESSING_HISTORY: ["LOREIN", name],
         META_SCALE_RATIO: "1",
         META_MAP: name,
@@ -144,7 +144,7 @@ def maps_to_images(maps: dict, geometry: Geometry, units: dict | None = None, as
     B1 4, other maps 5, 6, ... in name order; plus ``series_offset``. Non-finite values become 0.
     Meta: GADGETRON_DataRole, _ImageComment ("T1_ms"), _SeqDescription, _ImageProcessingHistory,
     _WindowCenter/_WindowWidth (1st-99th percentile of the non-zero values), _ScaleRatio (1),
-    _ImageNumber, SeriesDescription, WindowCenter/WindowWidth, ImageType (DERIVED\\PRIMARY\\QMAP\\T1),
+    _ImageNumber, SeriesDescription, WindowCenter/WindowWidth, ImageType [DERIVED, PRIMARY, QMAP, T1],
     LOREIN_Map, LOREIN_Unit, LOREIN_Method, LOREIN_Kind (map), and ``extra`` {name: value}.
     """
     units = {**MAP_UNITS, **(units or {})}
@@ -171,8 +171,8 @@ def derived_images(volumes: dict, geometry: Geometry, kind: str, series: dict, u
     """Images computed from the maps ({name: (nz, ny, nx)}): ``kind`` 'synthetic' (weighted images,
     recon/synthetic.py) or 'confidence' (recon/confidence.py), series ``series[name]``, placed and
     labelled as :func:`maps_to_images` does (GADGETRON_DataRole ``LOREIN_<KIND>``, SeriesDescription
-    ``descriptions[name]``, ImageType DERIVED\\PRIMARY\\SYNTHETIC\\<NAME> or
-    DERIVED\\SECONDARY\\CONFIDENCE\\<NAME>, LOREIN_Kind ``kind``), plus ``meta[name]`` {key: value}."""
+    ``descriptions[name]``, ImageType [DERIVED, PRIMARY, SYNTHETIC, <NAME>] or [DERIVED, SECONDARY,
+    CONFIDENCE, <NAME>], LOREIN_Kind ``kind``), plus ``meta[name]`` {key: value}."""
     if kind not in ("synthetic", "confidence"):
         raise ValueError(f"unknown derived image kind {kind!r}")
     images = []

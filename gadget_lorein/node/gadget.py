@@ -183,7 +183,9 @@ def derived_images(result, proto, geometry, gs: settings_mod.NodeSettings, metho
     if timings:
         vols = synthetic.synthetic_images(result.maps, timings)
         desc = {k: "LOREIN synthetic " + synthetic.describe(k, v) for k, v in timings.items()}
-        timing = {k: {"LOREIN_Timing": ",".join(f"{x:g}" for x in v)} for k, v in timings.items()}
+        timing = {k: {"LOREIN_Timing": ",".join(f"{x:g}" for x in v), "EchoTime": f"{v[1]:g}",
+                      "RepetitionTime": f"{v[0]:g}", **({"InversionTime": f"{v[2]:g}"} if len(v) > 2 else {})}
+                  for k, v in timings.items()}
         images += map_images.derived_images(vols, geometry, "synthetic", synthetic.SERIES, {}, desc,
                                             gs.images_2d, method, extra, timing)
     if clock is not None:
