@@ -192,18 +192,20 @@ def derived_figure(synthetic: dict, confidence: dict, path, maps: dict | None = 
             ax.axis("off")
         r += 1
     if confidence:
+        flagged = np.asarray(confidence.get("UNDETERMINED", 0)) > 0
         for j, name in enumerate(conf):
             vol = np.asarray(confidence[name], np.float64)
-            v = vol[vol > 0]
-            hi = float(np.percentile(v, 95)) if v.size else 1.0
+            v = vol[(vol > 0) & ~flagged]          # the window from the determined voxels
+            hi = float(np.percentile(v, 98)) if v.size else 1.0
             unit = "fraction" if name == "B1_SD" else "ms"
             _panel(fig, axes[r, j], _slice(vol), f"{name[:2]} SD (Cramér-Rao)", "inferno", 0, hi, unit)
         ax = axes[r, len(conf)]
         base = _slice(maps["PD"]) if maps is not None and "PD" in maps else np.zeros_like(_slice(vol))
         _panel(fig, ax, base, "undetermined (red)", "gray", 0, 1.2, "PD [a.u.]")
         flag = _slice(confidence.get("UNDETERMINED", np.zeros_like(vol)))
-        ax.imshow(np.ma.masked_where(flag <= 0, flag), cmap="autumn", vmin=0, vmax=1, origin="lower",
-                  interpolation="nearest", alpha=0.8)
+        from matplotlib.colors import ListedColormap
+        ax.imshow(np.ma.masked_where(flag <= 0, flag), cmap=ListedColormap(["red"]), vmin=0, vmax=1,
+                  origin="lower", interpolation="nearest", alpha=0.7)
         for ax in axes[r, len(conf) + 1:]:
             ax.axis("off")
     z = np.asarray(next(iter(synthetic.values()) if synthetic else confidence[conf[0]])).shape[0] // 2
