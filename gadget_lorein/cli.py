@@ -142,29 +142,6 @@ def _settings(args):
         raise UsageError(str(err)) from None
 
 
-def _derived_figure(images, path, maps, truth, title) -> bool:
-    """The synthetic images and confidence maps among ``images`` -> a figure (False: none sent)."""
-    from . import plots
-    from .io import map_images
-    from .recon import synthetic
-    synth = map_images.images_to_maps(images, "synthetic")
-    conf = map_images.images_to_maps(images, "confidence")
-    if not synth and not conf:
-        return False
-    true_synth = None
-    if truth is not None and synth:
-        timings = {m.meta["LOREIN_Map"]: _timing_of(m) for m in images
-                   if m.meta.get("LOREIN_Kind") == "synthetic"}
-        true_synth = synthetic.synthetic_images(truth, timings)
-    plots.derived_figure(synth, conf, path, maps=maps, truth_synthetic=true_synth, title=title)
-    return True
-
-
-def _timing_of(image) -> tuple:
-    """(TR, TE, ...) from a synthetic image's LOREIN_Timing meta."""
-    return tuple(float(v) for v in str(image.meta["LOREIN_Timing"]).split(","))
-
-
 def cmd_recon(args) -> int:
     raw = _check_input(args.input, "raw file")
     out = _check_output(args.out, "output")
@@ -186,7 +163,8 @@ def cmd_recon(args) -> int:
         plots.maps_figure(maps, png, truth=truth, title=f"{method} reconstruction of {raw.name}")
         _say(args, f"wrote {png}")
         derived = png.with_name(png.stem + "_synthetic.png")
-        if _derived_figure(images, derived, maps, truth, f"{method} reconstruction of {raw.name}"):
+        if plots.derived_figure_of_images(images, derived, maps, truth,
+                                          f"{method} reconstruction of {raw.name}"):
             _say(args, f"wrote {derived} (synthetic images and confidence maps)")
     print(f"{out}: {len(images)} images ({', '.join(k for k in MAP_ORDER if k in maps)}), "
           f"{seconds:.1f} s")
@@ -280,7 +258,7 @@ def cmd_demo(args) -> int:
              f"R = {plan['accel']:g}, {noise_text(plan)}")
     plots.maps_figure(maps, png, truth=truth, title=title)
     derived = out / "synthetic.png"
-    if not _derived_figure(images, derived, maps, truth, title) and derived.exists():
+    if not plots.derived_figure_of_images(images, derived, maps, truth, title) and derived.exists():
         derived.unlink()
     total = time.perf_counter() - t_all
     print(nrmse_table(maps, truth))

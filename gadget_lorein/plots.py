@@ -4,6 +4,8 @@
   (noise-free truth, and zero-filled from the undersampled k-space, coil-combined with the simulator's
   coil maps) and that frame's sampling mask.
 - :func:`maps_figure`: reconstructed maps; with the truth, rows truth / reconstruction / |error|.
+- :func:`derived_figure`: synthetic weighted images (from the truth and the reconstruction) and
+  the confidence maps with the undetermined voxels.
 
 Slices are the central partition (axial, z = nz // 2) shown with anterior (+y) up. Every panel has a
 colour bar with the unit. PD is relative: against a truth it is shown after the least-squares scale
@@ -211,3 +213,24 @@ def derived_figure(synthetic: dict, confidence: dict, path, maps: dict | None = 
     z = np.asarray(next(iter(synthetic.values()) if synthetic else confidence[conf[0]])).shape[0] // 2
     fig.suptitle((title + "; " if title else "") + f"slice z = {z}", fontsize=11)
     _save(fig, path)
+
+
+def derived_figure_of_images(images, path, maps: dict | None = None, truth: dict | None = None,
+                             title: str = "") -> bool:
+    """:func:`derived_figure` of the synthetic images and confidence maps among ISMRMRD ``images``
+    (with ``truth``: the same synthetic contrasts from the true maps, from each image's
+    LOREIN_Timing); False, and no figure, when there are none."""
+    from .io import map_images
+    from .recon import synthetic
+    synth = map_images.images_to_maps(images, "synthetic")
+    conf = map_images.images_to_maps(images, "confidence")
+    if not synth and not conf:
+        return False
+    true_synth = None
+    if truth is not None and synth:
+        timings = {m.meta["LOREIN_Map"]: tuple(float(v) for v in str(m.meta["LOREIN_Timing"]).split(","))
+                   for m in images if m.meta.get("LOREIN_Kind") == "synthetic"}
+        true_synth = synthetic.synthetic_images(truth, timings)
+    derived_figure(synth, conf, path, maps=maps, truth_synthetic=true_synth, title=title)
+    return True
+
