@@ -245,18 +245,47 @@ def expected_geometry(raw_path):
                 slice_dir=tuple(last.slice_dir), uid=int(last.measurement_uid))
 
 
-def check_images(images, case, method_label):
-    """One 3D float image per map, series/units/meta as documented, geometry from the raw file."""
+# the derived series the default settings add (docs/data-format.md)
+SYNTHETIC_SERIES = {"T1w": 11, "T2w": 12, "PDw": 13, "FLAIR": 14, "STIR": 15}
+CONFIDENCE_SERIES = {"T1_SD": 21, "T2_SD": 22, "B1_SD": 24, "UNDETERMINED": 25}
+
+
+def check_images(images, case, method_label, derived=True):
+    """One 3D float image per map, series/units/meta as documented, geometry from the raw file;
+    with ``derived``, also the default synthetic images and confidence maps, one series each."""
     geo = expected_geometry(case.raw)
-    assert sorted(meta(i, "LOREIN_Map") for i in images) == sorted(case.maps)
+    kinds = {}
+    for img in images:
+        kinds.setdefault(meta(img, "LOREIN_Kind"), []).append(img)
+    assert sorted(meta(i, "LOREIN_Map") for i in kinds.get("map", [])) == sorted(case.maps)
+    if derived:
+        assert sorted(kinds) == ["confidence", "map", "synthetic"]
+        assert sorted(meta(i, "LOREIN_Map") for i in kinds["synthetic"]) == sorted(SYNTHETIC_SERIES)
+        want = [k for k in CONFIDENCE_SERIES if k != "B1_SD" or "B1" in case.maps]
+        assert sorted(meta(i, "LOREIN_Map") for i in kinds["confidence"]) == sorted(want)
+    else:
+        assert sorted(kinds) == ["map"]
+    series = [i.image_series_index for i in images]
+    assert len(set(series)) == len(series), series
     for img in images:
         name = meta(img, "LOREIN_Map")
         head = img.getHead()
-        assert img.image_series_index == SERIES[name]
-        assert meta(img, "LOREIN_Unit") == UNITS[name]
-        assert meta(img, "GADGETRON_DataRole") == ROLES[name]
-        assert meta(img, "GADGETRON_ImageComment") == f"{name}_{UNITS[name]}"
+        kind = meta(img, "LOREIN_Kind")
         assert meta(img, "LOREIN_Method") == method_label
+        assert img.meta["ImageType"][0] == "DERIVED" and meta(img, "SeriesDescription")
+        assert float(meta(img, "WindowWidth")) > 0
+        if kind == "synthetic":
+            assert img.image_series_index == SYNTHETIC_SERIES[name]
+            assert meta(img, "SeriesDescription").startswith(f"LOREIN synthetic {name} TR ")
+            assert float(meta(img, "EchoTime")) > 0 and float(meta(img, "RepetitionTime")) > 0
+        elif kind == "confidence":
+            assert img.image_series_index == CONFIDENCE_SERIES[name]
+            assert meta(img, "LOREIN_Unit") == ("flag" if name == "UNDETERMINED" else UNITS[name[:2]])
+        else:
+            assert img.image_series_index == SERIES[name]
+            assert meta(img, "LOREIN_Unit") == UNITS[name]
+            assert meta(img, "GADGETRON_DataRole") == ROLES[name]
+            assert meta(img, "GADGETRON_ImageComment") == f"{name}_{UNITS[name]}"
         assert head.data_type == ismrmrd.DATATYPE_FLOAT and head.image_type == ismrmrd.IMTYPE_MAGNITUDE
         assert tuple(head.matrix_size) == geo["matrix"]
         assert img.data.shape == (1, geo["matrix"][2], geo["matrix"][1], geo["matrix"][0])

@@ -214,3 +214,13 @@ def test_mutation_run_smoke(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert " crash        0" in run.stdout and " hang         0" in run.stdout, run.stdout
+
+
+def test_confidence_table(capsys):
+    conf = load("confidence")
+    conf.main(["--matrix", "12", "12", "8", "--coils", "3", "--cases", "qalas8", "--methods", "zerofill"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| qalas8 | zerofill |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["T1", "T2"], out
+    for row in rows:
+        assert re.search(r"\| -?\d\.\d\d \(-?\d\.\d\d\) \| [+-]\d\.\d\d \| \d+\.\d\d \|", row), row

@@ -117,10 +117,14 @@ def test_recon_file_equals_chain(qalas_small, tmp_path):
     settings = dict(chain.properties)
     offline = gadget.recon_file(qalas_small.raw, tmp_path / "out.h5", settings, group="run")
     stored = map_images.read_images(tmp_path / "out.h5", "run")
-    assert len(offline) == len(stored) == len(result.images) == 3
-    chain_maps, file_maps = result.maps(), map_images.images_to_maps(stored)
-    for name in chain_maps:
-        assert np.array_equal(chain_maps[name], file_maps[name]), name
+    # 3 maps, 5 synthetic images, T1/T2 SD and the undetermined voxels
+    assert len(offline) == len(stored) == len(result.images) == 3 + 5 + 3
+    for kind in ("map", "synthetic", "confidence"):
+        chain_maps = map_images.images_to_maps(result.images, kind)
+        file_maps = map_images.images_to_maps(stored, kind)
+        assert sorted(chain_maps) == sorted(file_maps) and chain_maps
+        for name in chain_maps:
+            assert np.array_equal(chain_maps[name], file_maps[name]), name
     by_series = {i.image_series_index: i for i in result.images}
     for img in stored:   # (a stored header has attribute_string_len 0: the attributes are a dataset)
         assert header_bytes_without_attr_len(img) == header_bytes_without_attr_len(by_series[img.image_series_index])
@@ -144,17 +148,24 @@ def test_chain_without_configuration(qalas_tiny, tmp_path):
 
 @pytest.mark.timeout(60, func_only=True)
 def test_chain_options(qalas_small, tmp_path):
-    """images_2d, output=maps+coefficients, an unknown setting (warning only)."""
+    """images_2d, output=maps+coefficients, synthetic images chosen, no confidence maps, an
+    unknown setting (warning only)."""
     chain = read_chain(fast_chain(tmp_path, method="cg", iterations="3", images_2d="true",
-                                  output="maps+coefficients", no_such_setting="1"))
+                                  output="maps+coefficients", synthetic="FLAIR,dir",
+                                  synthetic_flair="10000,100,2600", confidence="false",
+                                  no_such_setting="1"))
     header, acqs = raw_items(qalas_small.raw)
     result = play(chain, header, acqs, timeout=55)
     check_clean(result)
     assert re.search(r"WARNING .*ignoring unknown setting\(s\) no_such_setting", result.log)
     nx, ny, nz = expected_geometry(qalas_small.raw)["matrix"]
-    maps = [i for i in result.images if i.image_series_index < 100]
+    maps = [i for i in result.images if i.image_series_index < 10]
     coefs = [i for i in result.images if i.image_series_index > 100]
+    derived = [i for i in result.images if 10 < i.image_series_index < 100]
     assert len(maps) == 3 * nz and all(i.data.shape == (1, 1, ny, nx) for i in maps)
+    assert sorted({i.image_series_index for i in derived}) == [14, 16] and len(derived) == 2 * nz
+    assert {i.meta["SeriesDescription"] for i in derived if i.image_series_index == 14} == \
+        {"LOREIN synthetic FLAIR TR 10000 TE 100 TI 2600"}
     t1 = sorted((i for i in maps if i.image_series_index == 1), key=lambda i: i.slice)
     assert [i.slice for i in t1] == list(range(nz)) and [i.image_index for i in t1] == list(range(1, nz + 1))
     dz = t1[1].position[2] - t1[0].position[2]
