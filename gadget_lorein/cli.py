@@ -146,9 +146,9 @@ def _add_simulation_arguments(p, matrix_default, accel_help) -> None:
 
 
 def _add_setting_options(p, scopes=("recon", "node"), exclude=()) -> None:
-    from . import settings as settings_mod
+    from . import settings_io
     g = p.add_argument_group("settings (the chain's; every one in docs/settings.md)")
-    settings_mod.add_arguments(g, scopes, exclude)
+    settings_io.add_arguments(g, scopes, exclude)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,9 +28,9 @@ def tell(args, text: str) -> None:
 
 def settings_from_args(args):
     """The settings given on the command line, parsed by the one validator (settings.parse)."""
-    from . import settings as settings_mod
+    from . import settings as settings_mod, settings_io
     try:
-        return settings_mod.parse(settings_mod.from_args(args), unknown="error")
+        return settings_mod.parse(settings_io.from_args(args), unknown="error")
     except settings_mod.SettingsError as err:
         raise UsageError(str(err)) from None
 
@@ -158,7 +158,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 def cmd_serve(args) -> int:
     from .node import server
-    from .settings import from_args
+    from .settings_io import from_args
     settings_from_args(args)
     _check_port_free(args.host, args.port)
     try:

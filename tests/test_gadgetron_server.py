@@ -19,7 +19,8 @@ import pytest
 import ismrmrd
 from gadget_lorein.io import rawfile
 from gadget_lorein.node import replay as rp
-from gadget_lorein.settings import SETTINGS, text_value
+from gadget_lorein.settings import SETTINGS
+from gadget_lorein.settings_io import text_value
 from gadgetron_server import REPO, GadgetronServer, free_port, listening, require_gadgetron
 
 HEADER = """<?xml version="1.0" encoding="UTF-8"?>

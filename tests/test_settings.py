@@ -9,7 +9,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-from gadget_lorein import settings
+from gadget_lorein import settings, settings_io
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,12 +59,12 @@ def test_fit_settings_are_fitconfig_fields_with_the_table_defaults():
 @pytest.mark.parametrize("chain", ["lorein.xml", "lorein_connect.xml"])
 def test_shipped_chains_list_exactly_the_settings_with_their_defaults(chain):
     root = ElementTree.parse(REPO / "config_xml" / chain).getroot()
-    props = settings.chain_properties(root.find("stream/external/configuration"))
+    props = settings_io.chain_properties(root.find("stream/external/configuration"))
     assert sorted(props) == sorted(s.name for s in settings.SETTINGS)
-    assert props == {s.name: settings.text_value(s.default) for s in settings.SETTINGS}
+    assert props == {s.name: settings_io.text_value(s.default) for s in settings.SETTINGS}
 
 
 def test_docs_settings_md_is_generated():
-    text = subprocess.run([sys.executable, "-m", "gadget_lorein.settings"], cwd=REPO, check=True,
+    text = subprocess.run([sys.executable, "-m", "gadget_lorein.settings_io"], cwd=REPO, check=True,
                           capture_output=True, text=True).stdout
     assert (REPO / "docs" / "settings.md").read_text() == text

@@ -59,6 +59,7 @@ import numpy as np
 
 from .. import __version__, limits
 from .. import settings as settings_mod
+from .. import settings_io
 from ..io import buffer, header, map_images, rawfile
 from ..physics import protocol as protocol_mod
 from ..recon import confidence, synthetic
@@ -293,7 +294,7 @@ def reconstruct(connection, settings: dict | None = None) -> None:
         state["closed"] = True
 
     try:
-        conf = settings_mod.chain_properties(connection.config)
+        conf = settings_io.chain_properties(connection.config)
         _check_network_protocol(conf, settings)
         merged = {**conf, **(settings or {})}
         level = str(merged.get("log_level") or "INFO").upper()
