@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", nargs=2, type=_int_at_least(0), metavar=("CY", "CZ"),
                    help="calibration region in ky x kz lines (default: chosen from the budget)")
     p.add_argument("--oversampling", type=int, choices=(1, 2), default=1, help="readout oversampling (default 1)")
+    p.add_argument("--repetitions", type=_int_at_least(1), default=1, metavar="N",
+                   help="repetitions of the scan in one stream (a multi-volume scan: the same object "
+                   "with fresh noise per repetition; default 1)")
     p.add_argument("-o", "--output", required=True, metavar="RAW.h5", help="raw file to write (replaced)")
     p.add_argument("--truth", metavar="TRUTH.npz", help="ground truth to write")
     p.add_argument("--png", metavar="PREVIEW.png", help="figure: truth maps and one zero-filled contrast")

@@ -4,6 +4,7 @@ them as ``gadgetron_ismrmrd_client`` does (``/<group>/image_<series index>``).""
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import h5py
 import ismrmrd
@@ -35,6 +36,27 @@ META_IMAGE_NUMBER = "GADGETRON_ImageNumber"
 META_MAP = "LOREIN_Map"
 META_UNIT = "LOREIN_Unit"
 META_METHOD = "LOREIN_Method"
+
+
+VOLUME_SERIES_STRIDE = 1000   # volume v of a multi-volume stream: series 1000 x v + the map's
+
+
+class VolumeIndex(NamedTuple):
+    """Which volume of a stream images belong to: its ``repetition`` and ``slice`` (slab) indices
+    and its number in (repetition, slice) order, which offsets the series."""
+    repetition: int = 0
+    slice: int = 0
+    number: int = 0
+
+
+def _place_volume(img: ismrmrd.Image, vol: VolumeIndex | None, nz: int, as_2d: bool) -> None:
+    """Stamp the volume into an image header: ``repetition``; ``slice`` the slab (3D images) or
+    slab x nz + partition (2D images, whose ``slice`` is the partition)."""
+    if vol is None:
+        return
+    img.repetition = int(vol.repetition)
+    img.slice = int(vol.slice) * nz + int(img.slice) if as_2d else int(vol.slice)
+    img.image_series_index = int(img.image_series_index) + VOLUME_SERIES_STRIDE * int(vol.number)
 
 
 def _window(vol: np.ndarray) -> tuple[float, float]:
@@ -70,7 +92,7 @@ def _set_geometry(img: ismrmrd.Image, g: Geometry, position, fov, slice_index: i
 
 def maps_to_images(maps: dict, geometry: Geometry, units: dict | None = None, as_2d: bool = False,
                    series_offset: int = 0, extra: dict | None = None,
-                   method: str = "LoREIN") -> list[ismrmrd.Image]:
+                   method: str = "LoREIN", volume: VolumeIndex | None = None) -> list[ismrmrd.Image]:
     """Parameter maps {name: (nz, ny, nx)} -> float32 magnitude ISMRMRD images.
 
     One 3D image per map (matrix_size (nx, ny, nz), the recon FOV, position = volume centre), or
@@ -80,6 +102,8 @@ def maps_to_images(maps: dict, geometry: Geometry, units: dict | None = None, as
     Meta: GADGETRON_DataRole, _ImageComment ("T1_ms"), _SeqDescription, _ImageProcessingHistory,
     _WindowCenter/_WindowWidth (1st-99th percentile of the non-zero values), _ScaleRatio (1),
     _ImageNumber, LOREIN_Map, LOREIN_Unit, LOREIN_Method, and ``extra`` {name: value}.
+    ``volume`` (a multi-volume stream): ``repetition`` and ``slice`` in the header, series + 1000 x
+    its number (:func:`_place_volume`).
     """
     units = {**MAP_UNITS, **(units or {})}
     shape = geometry.shape
@@ -130,6 +154,7 @@ def maps_to_images(maps: dict, geometry: Geometry, units: dict | None = None, as
             meta.update(base_meta)
             meta[META_IMAGE_NUMBER] = str(image_index)
             img.meta = meta
+            _place_volume(img, volume, nz, as_2d)
             images.append(img)
     return images
 
@@ -138,7 +163,8 @@ COEFFICIENT_SERIES_BASE = 100          # coefficient k (1-based) goes to series 
 
 
 def coefficient_images(coeffs: np.ndarray, geometry: Geometry, as_2d: bool = False,
-                       method: str = "LoREIN", source: str = "model") -> list[ismrmrd.Image]:
+                       method: str = "LoREIN", source: str = "model",
+                       volume: VolumeIndex | None = None) -> list[ismrmrd.Image]:
     """Subspace coefficient images (K, nz, ny, nx) -> complex float32 ISMRMRD images, series 101,
     102, ... (3D, or one per partition with ``as_2d``, placed as :func:`maps_to_images` does);
     meta LOREIN_Map coef1, coef2, ... and LOREIN_CoefficientSource ``source``."""
@@ -166,8 +192,18 @@ def coefficient_images(coeffs: np.ndarray, geometry: Geometry, as_2d: bool = Fal
                          META_UNIT: "a.u.", META_METHOD: method,
                          "LOREIN_CoefficientSource": source})
             img.meta = meta
+            _place_volume(img, volume, nz, as_2d)
             images.append(img)
     return images
+
+
+def split_volumes(images) -> dict:
+    """{volume number: that volume's images} in number order (series // 1000; a single-volume
+    stream is volume 0). Feed each list to :func:`images_to_maps`."""
+    groups: dict = {}
+    for img in images:
+        groups.setdefault(int(img.image_series_index) // VOLUME_SERIES_STRIDE, []).append(img)
+    return dict(sorted(groups.items()))
 
 
 def _meta_str(meta, key):
