@@ -212,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_options(p)
     p.set_defaults(func=runner.cmd_serve)
 
+    p = sub.add_parser("workers", parents=[_common(verbose_only=True)],
+                       help="list the Gadgetron workers that answer (GADGETRON_REMOTE_WORKER_COMMAND)",
+                       description="Print, as the JSON list a distributed chain's main server reads from "
+                       "GADGETRON_REMOTE_WORKER_COMMAND, the given Gadgetron servers that answer now; the "
+                       "others are left out (a listed worker that is down makes Gadgetron 4.7 drop the scan). "
+                       "See docs/distributed.md.")
+    p.add_argument("addresses", nargs="+", metavar="HOST:PORT", help="candidate worker servers")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each (default 2)")
+    p.set_defaults(func=runner.cmd_workers)
+
     p = sub.add_parser("demo", parents=[_common()], help="simulate, reconstruct through the gadget, compare",
                        description="The whole path on the default phantom: simulate a scan, reconstruct it "
                        "through the gadget's code, write maps and a figure, print the errors.")
@@ -243,7 +253,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_usage(sys.stderr)
-            print(f"{PROG}: error: a command is required: simulate, recon, replay, serve or demo "
+            print(f"{PROG}: error: a command is required: simulate, recon, replay, serve, workers or demo "
                   f"(see '{PROG} --help')", file=sys.stderr)
             return 2
         prog = f"{PROG} {args.command}"

@@ -172,6 +172,15 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_workers(args) -> int:
+    from .node import workers
+    try:
+        print(workers.worker_list_json(args.addresses, args.timeout))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return 0
+
+
 def cmd_demo(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
