@@ -214,3 +214,12 @@ def test_mutation_run_smoke(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert " crash        0" in run.stdout and " hang         0" in run.stdout, run.stdout
+
+
+@pytest.mark.gadgetron
+def test_throughput_tables(capsys):
+    """benchmarks/throughput.py end to end on its smallest case (real servers; about 30 s)."""
+    load("throughput").main(["--small", "--volumes", "2", "--scans", "2", "--iterations", "2"])
+    out = capsys.readouterr().out
+    assert re.search(r"\| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| 1, 1 \|", out), out
+    assert re.search(r"\| device_slots=1 \| [\d.]+ \| [\d.]+ \| [01] \|", out), out

@@ -117,6 +117,31 @@ def test_a_volume_is_reconstructed_as_soon_as_its_last_line_arrives(scans):
     assert len(done) == 6 and max(done[:3]) < first_rep1 and min(done[3:]) == len(acqs) - 1
 
 
+def test_slabs_are_volumes_closed_by_last_in_slice(scans):
+    """The 2-repetition scan relabelled as one repetition of two slabs (slice 0, 1): slab 0 is
+    complete at its ACQ_LAST_IN_SLICE (ACQ_LAST_IN_REPETITION only on the last line of all)."""
+    xml, acqs = acquisitions(scans[0])
+    h = ismrmrd.xsd.CreateFromDocument(xml)
+    lim = h.encoding[0].encodingLimits
+    lim.slice.maximum, lim.repetition.maximum = 1, 0
+    rep_bit = 1 << (ismrmrd.ACQ_LAST_IN_REPETITION - 1)
+    for a in acqs:
+        a.idx.slice, a.idx.repetition = a.idx.repetition, 0
+        if a.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) and not a.is_flag_set(ismrmrd.ACQ_LAST_IN_MEASUREMENT):
+            a.flags = int(a.flags) & ~rep_bit
+    done, seen = [], []
+
+    def items():
+        for a in acqs:
+            seen.append(int(a.idx.slice))
+            yield a
+    sent = []
+    gadget.process(ismrmrd.xsd.ToXML(h), items(), FAST, lambda x: (sent.append(x), done.append(seen.count(1))))
+    assert [(int(i.image_series_index), int(i.repetition), int(i.slice)) for i in sent] == \
+        [(s, 0, 0) for s in (1, 2, 3)] + [(s, 0, 1) for s in (1001, 1002, 1003)]
+    assert done[:3] == [0, 0, 0]          # slab 0's maps left before any line of slab 1 was read
+
+
 def test_end_of_stream_completes_volumes_without_last_flags(scans, caplog):
     xml, acqs = acquisitions(scans[0])
     for a in acqs:
@@ -236,3 +261,15 @@ def test_device_slots_queue_fits_and_log_the_wait(tmp_path, monkeypatch, caplog)
     assert "b: waiting for a free slot on cpu" in caplog.text and "b: got slot 0" in caplog.text
     with concurrency.device_slot("cpu", 0) as slot:       # no queue
         assert slot is None
+
+
+def test_gpus_are_named_by_uuid_so_processes_share_one_queue(monkeypatch):
+    import types
+
+    import torch
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(uuid=f"GPU-uuid-{i}"))
+    assert concurrency.device_name(torch.device("cuda")) == "cuda-GPU-uuid-1"
+    assert concurrency.device_name(torch.device("cuda", 0)) == "cuda-GPU-uuid-0"
+    assert concurrency.device_name(torch.device("cpu")) == "cpu"
