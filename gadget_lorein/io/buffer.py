@@ -79,7 +79,9 @@ class AcquisitionBuffer:
                 raise MRDError(f"encoding limits allow {name} up to {mx}: only one {name} is "
                                "supported" + (" here (a multi-volume stream goes through "
                                               "io.volumes.VolumeRouter)" if name in VOLUME_AXES else ""))
-        self.n_volumes = (self._other_max["repetition"] + 1) * (self._other_max["slice"] + 1)
+        self.n_repetitions = self._other_max["repetition"] + 1
+        self.n_slices = self._other_max["slice"] + 1
+        self.n_volumes = self.n_repetitions * self.n_slices
         limits.check("volumes (repetitions x slices in the encoding limits)", self.n_volumes,
                      limits.MAX_VOLUMES)
 

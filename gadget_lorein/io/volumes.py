@@ -31,11 +31,14 @@ import ismrmrd
 from .. import limits
 from .buffer import AcquisitionBuffer
 from .header import MRDError, RawScan
-from .readout import IGNORE_MASK, NOISE_BIT
+from .readout import IGNORE_MASK, NOISE_BIT, bit
 
 log = logging.getLogger(__name__)
 
 VolumeKey = tuple   # (repetition, slice)
+LAST_IN_SLICE = bit(ismrmrd.ACQ_LAST_IN_SLICE)
+LAST_IN_REPETITION = bit(ismrmrd.ACQ_LAST_IN_REPETITION)
+LAST_IN_MEASUREMENT = bit(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
 
 
 class Volume(NamedTuple):
@@ -54,8 +57,7 @@ class VolumeRouter:
         self._spare: AcquisitionBuffer | None = self._new()
         info = self._spare
         self.info = info                  # the header's facts (matrix, frames, protocol ...)
-        self.n_repetitions = info._other_max["repetition"] + 1
-        self.n_slices = info._other_max["slice"] + 1
+        self.n_repetitions, self.n_slices = info.n_repetitions, info.n_slices
         self.multi = info.n_volumes > 1
         self.open: dict[VolumeKey, AcquisitionBuffer] = {}
         self.done: set = set()
@@ -105,10 +107,13 @@ class VolumeRouter:
             limits.check("noise samples per coil", self._noise_samples, limits.MAX_NOISE_SAMPLES)
             self.noise.setdefault(int(idx.repetition), []).append(acq)
             return "noise", []
-        if flags & IGNORE_MASK:
-            self.n_ignored += 1
-            return "ignored", []
         key = (int(idx.repetition), int(idx.slice))
+        if flags & IGNORE_MASK:         # counted by its volume's buffer when that is open
+            if key in self.open:
+                self.open[key].add(acq)
+            else:
+                self.n_ignored += 1
+            return "ignored", []
         for name, v, n in (("repetition", key[0], self.n_repetitions), ("slice", key[1], self.n_slices)):
             if v >= n:
                 raise MRDError(f"acquisition (scan_counter {acq.scan_counter}): {name} = {v} is outside "
@@ -117,19 +122,19 @@ class VolumeRouter:
         if len(self.open) > 1:      # all open volumes together under the ceiling
             buf.max_bytes = self._room(key)
         buf.add(acq)
-        if flags & (1 << (ismrmrd.ACQ_LAST_IN_MEASUREMENT - 1)):
+        if flags & LAST_IN_MEASUREMENT:
             ready = sorted(self.open)
         elif not self.multi:
             ready = []
-        elif flags & (1 << (ismrmrd.ACQ_LAST_IN_REPETITION - 1)):
+        elif flags & LAST_IN_REPETITION:
             ready = sorted(k for k in self.open if k[0] == key[0])
-        elif flags & (1 << (ismrmrd.ACQ_LAST_IN_SLICE - 1)):
+        elif flags & LAST_IN_SLICE:
             ready = [key]
         else:
             ready = []
         out = [Volume(k, self.open.pop(k), self.noise) for k in ready]
         self.done.update(ready)
-        if flags & (1 << (ismrmrd.ACQ_LAST_IN_MEASUREMENT - 1)):
+        if flags & LAST_IN_MEASUREMENT:
             self._measurement_done()
         return "data", out
 
