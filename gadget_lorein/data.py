@@ -103,3 +103,9 @@ class Maps:
     @classmethod
     def from_dict(cls, maps: dict, mask: np.ndarray) -> "Maps":
         return cls(t1=maps["T1"], t2=maps["T2"], pd=maps["PD"], mask=mask, b1=maps.get("B1"))
+
+
+def named(maps: Maps | dict) -> dict:
+    """{name: map}: a reconstruction's :class:`Maps`, or maps already by name (read back from
+    images, or a truth file)."""
+    return maps.as_dict() if isinstance(maps, Maps) else maps

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import MAP_NAMES, Maps
+from .data import MAP_NAMES, Maps, named
 
 LABELS = {"WM": 1, "GM": 2, "CSF": 3, "lesion": 4}
 
@@ -17,12 +17,6 @@ def nrmse(est: np.ndarray, ref: np.ndarray, mask: np.ndarray, fit_scale: bool = 
     if fit_scale:
         e = e * (e @ r) / max(e @ e, 1e-30)
     return float(np.linalg.norm(e - r) / max(np.linalg.norm(r), 1e-30))
-
-
-def named(maps: Maps | dict) -> dict:
-    """{name: map}: a reconstruction's :class:`~gadget_lorein.data.Maps`, or maps already by name
-    (read back from images, or a truth file)."""
-    return maps.as_dict() if isinstance(maps, Maps) else maps
 
 
 def map_errors(maps: Maps | dict, truth: dict, region: str = "brain") -> dict:

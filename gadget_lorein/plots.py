@@ -4,6 +4,8 @@
   (noise-free truth, and zero-filled from the undersampled k-space, coil-combined with the simulator's
   coil maps) and that frame's sampling mask.
 - :func:`maps_figure`: reconstructed maps; with the truth, rows truth / reconstruction / |error|.
+- :func:`derived_figure`: synthetic weighted images (from the truth and the reconstruction) and
+  the confidence maps with the undetermined voxels.
 
 Slices are the central partition (axial, z = nz // 2) shown with anterior (+y) up. Every panel has a
 colour bar with the unit. PD is relative: against a truth it is shown after the least-squares scale
@@ -162,3 +164,75 @@ def maps_figure(maps: dict, path, truth: dict | None = None, title: str = "") ->
                ERROR_RANGES.get(name, hi - lo), f"|error| [{unit}]")
     fig.suptitle((title + "; " if title else "") + (f"slice z = {z}" if z is not None else ""), fontsize=11)
     _save(fig, path)
+
+
+CONFIDENCE_ORDER = ("T1_SD", "T2_SD", "B1_SD")
+
+
+def derived_figure(synthetic: dict, confidence: dict, path, maps: dict | None = None,
+                   truth_synthetic: dict | None = None, title: str = "") -> None:
+    """Synthetic weighted images and confidence maps (central axial slice): a row of the synthetic
+    images from the truth (``truth_synthetic``, when given), a row from the reconstruction, and a
+    row of the Cramér-Rao SDs (T1, T2, B1) with the undetermined voxels drawn in red over PD
+    (``maps``)."""
+    names = list(synthetic)
+    conf = [k for k in CONFIDENCE_ORDER if k in confidence]
+    ncol = max(len(names), len(conf) + 1, 1)
+    rows = [r for r in (truth_synthetic, synthetic) if r] + ([confidence] if confidence else [])
+    if not rows:
+        raise ValueError("nothing to draw")
+    fig = Figure(figsize=(3.1 * ncol, 2.9 * len(rows) + 0.5), layout="constrained")
+    axes = np.asarray(fig.subplots(len(rows), ncol, squeeze=False))
+    r = 0
+    for label, imgs in (("true", truth_synthetic), ("", synthetic)):
+        if not imgs:
+            continue
+        for j, name in enumerate(names):
+            ref = synthetic[name]          # one window per contrast, from the reconstruction
+            hi = float(np.percentile(ref[ref > 0], 99.5)) if np.any(ref > 0) else 1.0
+            _panel(fig, axes[r, j], _slice(imgs[name]), f"{label} {name}".strip(), "gray", 0, hi, "a.u.")
+        for ax in axes[r, len(names):]:
+            ax.axis("off")
+        r += 1
+    if confidence:
+        flagged = np.asarray(confidence.get("UNDETERMINED", 0)) > 0
+        for j, name in enumerate(conf):
+            vol = np.asarray(confidence[name], np.float64)
+            v = vol[(vol > 0) & ~flagged]          # the window from the determined voxels
+            hi = float(np.percentile(v, 98)) if v.size else 1.0
+            unit = "fraction" if name == "B1_SD" else "ms"
+            _panel(fig, axes[r, j], _slice(vol), f"{name[:2]} SD (Cramér-Rao)", "inferno", 0, hi, unit)
+        ax = axes[r, len(conf)]
+        base = _slice(maps["PD"]) if maps is not None and "PD" in maps else np.zeros_like(_slice(vol))
+        _panel(fig, ax, base, "undetermined (red)", "gray", 0, 1.2, "PD [a.u.]")
+        flag = _slice(confidence.get("UNDETERMINED", np.zeros_like(vol)))
+        from matplotlib.colors import ListedColormap
+        ax.imshow(np.ma.masked_where(flag <= 0, flag), cmap=ListedColormap(["red"]), vmin=0, vmax=1,
+                  origin="lower", interpolation="nearest", alpha=0.7)
+        for ax in axes[r, len(conf) + 1:]:
+            ax.axis("off")
+    z = np.asarray(next(iter(synthetic.values()) if synthetic else confidence[conf[0]])).shape[0] // 2
+    fig.suptitle((title + "; " if title else "") + f"slice z = {z}", fontsize=11)
+    _save(fig, path)
+
+
+def derived_figure_of_images(images, path, maps: dict | None = None, truth: dict | None = None,
+                             title: str = "") -> bool:
+    """:func:`derived_figure` of the synthetic images and confidence maps among ISMRMRD ``images``
+    (with ``truth``: the same synthetic contrasts from the true maps, from each image's
+    LOREIN_Timing); False, and no figure, when there are none. A multi-volume stream: the first volume."""
+    from .io import map_images
+    from .recon import synthetic
+    images = next(iter(map_images.split_volumes(images).values()), [])
+    synth = map_images.images_to_maps(images, "synthetic")
+    conf = map_images.images_to_maps(images, "confidence")
+    if not synth and not conf:
+        return False
+    true_synth = None
+    if truth is not None and synth:
+        timings = {m.meta["LOREIN_Map"]: tuple(float(v) for v in str(m.meta["LOREIN_Timing"]).split(","))
+                   for m in images if m.meta.get("LOREIN_Kind") == "synthetic"}
+        true_synth = synthetic.synthetic_images(truth, timings)
+    derived_figure(synth, conf, path, maps=maps, truth_synthetic=true_synth, title=title)
+    return True
+

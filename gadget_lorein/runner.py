@@ -122,6 +122,10 @@ def cmd_recon(args) -> int:
         method = settings.recon.method
         plots.maps_figure(maps, png, truth=truth, title=f"{method} reconstruction of {raw.name}")
         tell(args, f"wrote {png}")
+        derived = png.with_name(png.stem + "_synthetic.png")
+        if plots.derived_figure_of_images(images, derived, maps, truth,
+                                          f"{method} reconstruction of {raw.name}"):
+            tell(args, f"wrote {derived} (synthetic images and confidence maps)")
     print(f"{out}: {len(images)} images ({', '.join(k for k in MAP_NAMES if k in maps)}), "
           f"{seconds:.1f} s")
     return 0
@@ -211,9 +215,12 @@ def cmd_demo(args) -> int:
     check_truth_shape(maps, truth, truth_path)
     from . import plots
     nx, ny, nz = plan["matrix"]
-    plots.maps_figure(maps, png, truth=truth,
-                      title=f"{method} | {proto.name}, {nx}x{ny}x{nz}, {plan['n_coils']} coils, "
-                            f"R = {plan['accel']:g}, {noise_text(plan)}")
+    title = (f"{method} | {proto.name}, {nx}x{ny}x{nz}, {plan['n_coils']} coils, "
+             f"R = {plan['accel']:g}, {noise_text(plan)}")
+    plots.maps_figure(maps, png, truth=truth, title=title)
+    derived = out / "synthetic.png"
+    if not plots.derived_figure_of_images(images, derived, maps, truth, title) and derived.exists():
+        derived.unlink()
     total = time.perf_counter() - t_all
     print(nrmse_table(maps, truth))
     print(f"\nsimulation {t_sim:.1f} s, reconstruction {t_rec:.1f} s, total {total:.1f} s")
@@ -222,6 +229,8 @@ def cmd_demo(args) -> int:
                        (truth_path, "ground truth (T1, T2, PD, labels, brain mask)"),
                        (out / "simulation.png", "ground truth and one undersampled contrast"),
                        (maps_path, f"maps as ISMRMRD images (group '{DEMO_GROUP}')"),
-                       (png, "truth, maps and error per map")):
-        print(f"  {path.name:<15} {what}")
+                       (png, "truth, maps and error per map"),
+                       (derived, "synthetic weighted images (truth, reconstruction), confidence")):
+        if path.exists():
+            print(f"  {path.name:<15} {what}")
     return 0

@@ -82,6 +82,49 @@ class Setting:
         return rng
 
 
+SYNTHETIC_CONTRASTS = ("T1w", "T2w", "PDw", "FLAIR", "STIR", "DIR")
+_TIMING_TEXT = "TR,TE or TR,TE,TI in ms"
+# how many timings (TR, TE, TI, TI2) each synthetic contrast takes
+_TIMING_COUNTS = {"T1w": (2, 3), "T2w": (2, 3), "PDw": (2, 3), "FLAIR": (3,), "STIR": (3,), "DIR": (4,)}
+
+
+def synthetic_timing(contrast: str, text: str) -> tuple[float, ...]:
+    """(TR, TE[, TI[, TI2]]) in ms from a synthetic_* setting's text; raises SettingsError."""
+    bad = f"setting synthetic_{contrast.lower()}={text}"
+    try:
+        values = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        raise SettingsError(f"{bad} is not a comma list of numbers (ms)") from None
+    counts = _TIMING_COUNTS[contrast]
+    if len(values) not in counts:
+        raise SettingsError(f"{bad} must have {' or '.join(map(str, counts))} values (TR,TE"
+                            f"{',TI' if max(counts) > 2 else ''}{',TI2' if 4 in counts else ''})")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise SettingsError(f"{bad}: every time must be a positive number of ms")
+    tr, te, rest = values[0], values[1], values[2:]
+    if te >= tr or any(ti >= tr for ti in rest):
+        raise SettingsError(f"{bad}: TE and TI must be shorter than TR")
+    if len(rest) == 2 and rest[1] >= rest[0]:
+        raise SettingsError(f"{bad}: TI1 (first inversion) must be longer than TI2")
+    return values
+
+
+def synthetic_selection(text: str) -> tuple[str, ...]:
+    """The contrasts named by the ``synthetic`` setting (case-insensitive; none or empty: ())."""
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    if [n.lower() for n in names] in (["none"], ["off"]):
+        return ()
+    by_lower = {c.lower(): c for c in SYNTHETIC_CONTRASTS}
+    out = []
+    for n in names:
+        if n.lower() not in by_lower:
+            raise SettingsError(f"setting synthetic={text}: unknown contrast {n!r}; known: "
+                                f"{', '.join(SYNTHETIC_CONTRASTS)} (or none)")
+        if by_lower[n.lower()] not in out:
+            out.append(by_lower[n.lower()])
+    return tuple(out)
+
+
 def _s(name, typ, default, help, **kw) -> Setting:
     return Setting(name, typ, default, help, **kw)
 
@@ -138,6 +181,24 @@ SETTINGS: tuple[Setting, ...] = (
        "coefficient images (series 101, 102, ...)", scope="node", choices=("maps", "maps+coefficients")),
     _s("images_2d", bool, False, "one 2D image per partition and map instead of one 3D image per map",
        scope="node"),
+    _s("synthetic", str, "T1w,T2w,PDw,FLAIR,STIR", "synthetic weighted images computed from the maps "
+       "and sent as series 11-16 (recon/synthetic.py; none: no synthetic images)", scope="node",
+       allowed="none or a comma list of " + ", ".join(SYNTHETIC_CONTRASTS)),
+    _s("synthetic_t1w", str, "500,15", "T1w: spin echo TR,TE in ms (TR,TE,TI for inversion recovery)",
+       scope="node", allowed=_TIMING_TEXT),
+    _s("synthetic_t2w", str, "4000,100", "T2w: spin echo TR,TE in ms", scope="node", allowed=_TIMING_TEXT),
+    _s("synthetic_pdw", str, "3000,15", "PDw: spin echo TR,TE in ms", scope="node", allowed=_TIMING_TEXT),
+    _s("synthetic_flair", str, "9000,90,2500", "FLAIR: inversion recovery TR,TE,TI in ms (CSF "
+       "nulled)", scope="node", allowed="TR,TE,TI in ms"),
+    _s("synthetic_stir", str, "5000,30,220", "STIR: inversion recovery TR,TE,TI in ms (short TI)",
+       scope="node", allowed="TR,TE,TI in ms"),
+    _s("synthetic_dir", str, "7500,25,3230,540", "DIR: double inversion recovery TR,TE,TI1,TI2 in ms "
+       "(defaults null CSF and white matter)", scope="node", allowed="TR,TE,TI1,TI2 in ms, TI1 > TI2"),
+    _s("confidence", bool, True, "send the Cramér-Rao standard deviation of T1, T2 (and B1) as series "
+       "21-24 and the undetermined voxels as series 25 (recon/confidence.py)", scope="node"),
+    _s("confidence_max_rel_sd", float, 0.5, "a voxel is marked undetermined (series 25) where the "
+       "standard deviation of T1 or T2 exceeds this fraction of its value", scope="node", low=0.0,
+       low_open=True),
     _s("log_level", str, "INFO", "level of the gadget_lorein loggers", scope="node",
        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
     _s("max_memory_gb", float, 0.0, "memory ceiling of one reconstruction in GB (gadget_lorein/"
@@ -233,7 +294,16 @@ def _check_protocol(s, v, bad):
         raise SettingsError(f"{bad} is not a shipped protocol ({', '.join(names)}) nor a .yaml file")
 
 
-_CHECKS = {"device": _check_device, "protocol": _check_protocol}
+def _check_synthetic(s, v, bad):
+    synthetic_selection(v)
+
+
+def _check_timing(s, v, bad):
+    synthetic_timing({c.lower(): c for c in SYNTHETIC_CONTRASTS}[s.name.split("_", 1)[1]], v)
+
+
+_CHECKS = {"device": _check_device, "protocol": _check_protocol, "synthetic": _check_synthetic,
+           **{f"synthetic_{c.lower()}": _check_timing for c in SYNTHETIC_CONTRASTS}}
 
 
 def check_all(values: Mapping[str, Any]) -> None:

@@ -6,16 +6,19 @@
 
 Files (the same code path as ``lorein simulate``: ``gadget_lorein.sim.files.simulate_to_files``):
 
+Both are realistic scans (the default mode of ``lorein simulate``: the object on a 2x finer grid,
+so partial volume at every boundary; a transmit field the qalas model lacks; scanner-like sampling;
+white-matter SNR 30), seed 0:
+
 - ``qalas_small.h5`` + ``qalas_small_truth.npz``: shipped qalas protocol, matrix 24 x 24 x 16,
-  6 coils, R = 8 (a calibration block shared among the frames, chosen automatically), noise 0.005, seed 0; the same as
-  ``lorein simulate --ideal --sequence qalas --matrix 24 24 16 --coils 6 --accel 8 --noise 0.005 --seed 0``.
+  6 coils, R = 8; the same as
+  ``lorein simulate --sequence qalas --matrix 24 24 16 --coils 6 --accel 8 --snr 30 --seed 0``.
 - ``mrf_small.h5`` + ``mrf_small_truth.npz``: shipped mrf protocol with n_tr = 100, epg_states = 32
   and a dictionary grid T1 [100, 6000] ms x 40, T2 [10, 3000] ms x 40, B1 [0.6, 1.4] x 5 (the
-  protocol YAML in the raw header carries these); matrix 24 x 24 x 16, 6 coils, R = 100,
-  calibration split among the frames ('union'), noise 0.005, seed 0.
+  protocol YAML in the raw header carries these); matrix 24 x 24 x 16, 6 coils, R = 100.
 
 The raw files follow docs/data-format.md; the truth files hold T1, T2 [ms], PD, B1 (mrf), labels,
-brain_mask, fov_mm, protocol, matrix. Reproducible: HDF5 objects carry no time stamps (h5py does
+brain_mask, pure (voxels without partial volume), fov_mm, protocol, matrix. Reproducible: HDF5 objects carry no time stamps (h5py does
 not record them by default) and the .npz is written with fixed zip time stamps
 (``gadget_lorein.sim.files.save_npz``). The numbers come from numpy's seeded generators and torch on CPU.
 """
@@ -30,15 +33,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 MATRIX = (24, 24, 16)
-# the idealised simulation (simulate.simulate's mode 'ideal', ``lorein simulate --ideal``): these
-# files predate the realistic mode, and the tests' thresholds were set on them
-COMMON = dict(n_coils=6, noise=0.005, seed=0, mode="ideal")
+# the realistic simulation, as ``lorein simulate`` makes it by default (calibration and sampling
+# pattern chosen by the simulator)
+COMMON = dict(n_coils=6, snr=30.0, seed=0, mode="realistic")
 MRF_OVERRIDES = dict(n_tr=100, epg_states=32,
                      dictionary={"t1_ms": [100.0, 6000.0, 40], "t2_ms": [10.0, 3000.0, 40],
                                  "b1": [0.6, 1.4, 5]})
 CASES = {
-    "qalas_small": dict(protocol="qalas", overrides=None, accel=8.0, calib_mode="union"),
-    "mrf_small": dict(protocol="mrf", overrides=MRF_OVERRIDES, accel=100.0, calib_mode="union"),
+    "qalas_small": dict(protocol="qalas", overrides=None, accel=8.0),
+    "mrf_small": dict(protocol="mrf", overrides=MRF_OVERRIDES, accel=100.0),
 }
 FILES = [f"{name}{suffix}" for name in CASES for suffix in (".h5", "_truth.npz")]
 
@@ -53,11 +56,13 @@ def protocol_of(name: str):
 
 
 def plan_of(name: str, proto) -> dict:
-    from gadget_lorein.sim import sampling
+    from gadget_lorein.sim import simulate
     case = CASES[name]
     nx, ny, nz = MATRIX
-    calib = sampling.auto_calib(proto.n_frames, ny, nz, case["accel"], case["calib_mode"])
-    return dict(matrix=MATRIX, accel=case["accel"], calib=calib, calib_mode=case["calib_mode"], **COMMON)
+    _, calib, calib_mode, pattern = simulate.scan_masks(proto, ny, nz, case["accel"], seed=COMMON["seed"],
+                                                        mode=COMMON["mode"])
+    return dict(matrix=MATRIX, accel=case["accel"], calib=calib, calib_mode=calib_mode, pattern=pattern,
+                **COMMON)
 
 
 def generate(out: Path) -> dict:

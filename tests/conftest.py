@@ -5,9 +5,9 @@ Data: ``qalas_small`` and ``mrf_small`` (session scope) are a raw ISMRMRD file a
 the chains at their defaults).
 They come from ``test_data/qalas_small.h5`` + ``test_data/qalas_small_truth.npz`` (and the mrf pair)
 when those exist, else they are simulated once per session into a temporary folder with the
-parameters that test_data/make_test_data.py holds (``GEN``; qalas: matrix (24, 24, 16), 6 coils,
-R = 8, noise 0.005; mrf: the shipped protocol with n_tr = 100, epg_states = 32 and a 40 x 40 x 5
-dictionary grid, the same matrix, coils and noise, R = 100; both calibration mode 'union').
+parameters that test_data/make_test_data.py holds (``GEN``: realistic scans, white-matter SNR 30;
+qalas: matrix (24, 24, 16), 6 coils, R = 8; mrf: the shipped protocol with n_tr = 100,
+epg_states = 32 and a 40 x 40 x 5 dictionary grid, the same matrix and coils, R = 100).
 
 Gadgetron's side of an external gadget (:class:`GadgetronSide`, :func:`play`): the tests play the
 server: they start ``python -m gadgetron PORT MODULE TARGET`` exactly as a chain's <execute> says
@@ -70,7 +70,7 @@ def small_spec(name: str) -> dict:
     """``simulate.simulate``'s arguments for test scan ``name``, from test_data/make_test_data.py
     (the calibration block is chosen by simulate, as make_test_data's plan_of chooses it)."""
     case = GEN.CASES[name]
-    return dict(matrix=GEN.MATRIX, accel=case["accel"], calib_mode=case["calib_mode"], **GEN.COMMON)
+    return dict(matrix=GEN.MATRIX, accel=case["accel"], **GEN.COMMON)
 
 
 QALAS_SPEC = small_spec("qalas_small")
@@ -198,18 +198,28 @@ def mrf_small(tmp_path_factory) -> RawCase:
 # checks of the output
 # --------------------------------------------------------------------------------------------
 
-# Measured NRMSE (test_data/*_small, CPU, at the commit 07b3f27 recon): qalas cg 5 it: T1 0.369,
-# T2 tissue 0.358, PD 0.277; qalas lorein 10 it: T1 0.476, T2 0.848, PD 0.402; mrf cg 5 it: T1 0.671,
-# T2 1.026, PD 0.460, B1 0.368. MRF at 100 frames and R = 100 on a 24 x 24 x 16 grid is a weak
-# reconstruction (T2 no better than zero maps): its thresholds catch only gross failures (zero or
-# empty maps); the exact comparison with an in-process reconstruction carries the plumbing check.
-THRESHOLDS = {
-    ("qalas", "lorein"): {"T1": 0.60, "T2": 0.95, "PD": 0.55},
-    ("qalas", "cg"): {"T1": 0.50, "T2_tissue": 0.60, "PD": 0.40},
-    ("mrf", "cg"): {"T1": 0.80, "T2": 1.20, "PD": 0.60, "B1": 0.50},
-    # default lorein (1200 iterations) on mrf_tiny measured 0.352 / 0.459 / 0.191 / 0.076 (on
-    # mrf_small 0.422 / 0.705 / 0.206 / 0.364); zero maps give 1
-    ("mrf", "lorein"): {"T1": 0.50, "T2": 0.65, "PD": 0.30, "B1": 0.20},
+# Accuracy of the default method (lorein at its defaults) on the realistic test scans, as NRMSE over
+# the voxels that hold one tissue (metrics.tissue_errors' "pure"; PD after its scale): checked on
+# qalas_small (the chain at its defaults) and mrf_tiny (the shipped chain through the real server).
+# Every limit is below what zero-filled matching and cg reach on that scan
+# (test_accuracy.py::test_chain_limits_fail_linear_maps checks it). Measured on one thread, seed 0:
+# qalas_small lorein T1 0.126, T2 0.173, PD 0.088; zerofill 0.188 / 0.215 / 0.158; cg (5 it) 0.269 /
+# 0.236 / 0.140; llr 0.139 / 0.184 / 0.136.
+# mrf_tiny (100 frames, R = 50, 16 x 16 x 8, 4 coils: a weak scan) lorein T1 pure 0.474, T2 all 0.675,
+# PD all 0.270, B1 pure 0.071; zerofill 1.81 / 0.802 / 0.309 / 0.097; cg (5 it) 1.44 / 0.833 / 0.397 /
+# 0.196; cg 1.81 / 1.06 / 0.344 / 0.249 (there T2 and PD are checked over all tissue voxels: on the
+# few single-tissue voxels zero-filled matching's T2 (0.60) is below lorein's (0.70)).
+ACCURACY = {
+    "qalas": {"T1 pure": 0.15, "T2 pure": 0.20, "PD pure": 0.125},
+    "mrf": {"T1 pure": 0.70, "T2 all": 0.75, "PD all": 0.30, "B1 pure": 0.09},
+}
+# Plumbing runs (cg, 5 iterations): limits that catch zero or empty maps and nothing finer (zero maps
+# score 1); these runs' maps are also compared exactly with the library's own. Measured cg (5 it):
+# qalas_small T1 0.269, T2 0.236, PD 0.140; mrf_small PD 0.458, B1 0.189 (its T1 and T2, at 100
+# frames and R = 100 on a 24 x 24 x 16 grid, are worse than zero maps and not checked).
+PLUMBING = {
+    "qalas": {"T1 pure": 0.45, "T2 pure": 0.45, "PD pure": 0.35},
+    "mrf": {"PD pure": 0.65, "B1 pure": 0.35},
 }
 SERIES = {"T1": 1, "T2": 2, "PD": 3, "B1": 4}
 UNITS = {"T1": "ms", "T2": "ms", "PD": "a.u.", "B1": "fraction"}
@@ -235,18 +245,47 @@ def expected_geometry(raw_path):
                 slice_dir=tuple(last.slice_dir), uid=int(last.measurement_uid))
 
 
-def check_images(images, case, method_label):
-    """One 3D float image per map, series/units/meta as documented, geometry from the raw file."""
+# the derived series the default settings add (docs/data-format.md)
+SYNTHETIC_SERIES = {"T1w": 11, "T2w": 12, "PDw": 13, "FLAIR": 14, "STIR": 15}
+CONFIDENCE_SERIES = {"T1_SD": 21, "T2_SD": 22, "B1_SD": 24, "UNDETERMINED": 25}
+
+
+def check_images(images, case, method_label, derived=True):
+    """One 3D float image per map, series/units/meta as documented, geometry from the raw file;
+    with ``derived``, also the default synthetic images and confidence maps, one series each."""
     geo = expected_geometry(case.raw)
-    assert sorted(meta(i, "LOREIN_Map") for i in images) == sorted(case.maps)
+    kinds = {}
+    for img in images:
+        kinds.setdefault(meta(img, "LOREIN_Kind"), []).append(img)
+    assert sorted(meta(i, "LOREIN_Map") for i in kinds.get("map", [])) == sorted(case.maps)
+    if derived:
+        assert sorted(kinds) == ["confidence", "map", "synthetic"]
+        assert sorted(meta(i, "LOREIN_Map") for i in kinds["synthetic"]) == sorted(SYNTHETIC_SERIES)
+        want = [k for k in CONFIDENCE_SERIES if k != "B1_SD" or "B1" in case.maps]
+        assert sorted(meta(i, "LOREIN_Map") for i in kinds["confidence"]) == sorted(want)
+    else:
+        assert sorted(kinds) == ["map"]
+    series = [i.image_series_index for i in images]
+    assert len(set(series)) == len(series), series
     for img in images:
         name = meta(img, "LOREIN_Map")
         head = img.getHead()
-        assert img.image_series_index == SERIES[name]
-        assert meta(img, "LOREIN_Unit") == UNITS[name]
-        assert meta(img, "GADGETRON_DataRole") == ROLES[name]
-        assert meta(img, "GADGETRON_ImageComment") == f"{name}_{UNITS[name]}"
+        kind = meta(img, "LOREIN_Kind")
         assert meta(img, "LOREIN_Method") == method_label
+        assert img.meta["ImageType"][0] == "DERIVED" and meta(img, "SeriesDescription")
+        assert float(meta(img, "WindowWidth")) > 0
+        if kind == "synthetic":
+            assert img.image_series_index == SYNTHETIC_SERIES[name]
+            assert meta(img, "SeriesDescription").startswith(f"LOREIN synthetic {name} TR ")
+            assert float(meta(img, "EchoTime")) > 0 and float(meta(img, "RepetitionTime")) > 0
+        elif kind == "confidence":
+            assert img.image_series_index == CONFIDENCE_SERIES[name]
+            assert meta(img, "LOREIN_Unit") == ("flag" if name == "UNDETERMINED" else UNITS[name[:2]])
+        else:
+            assert img.image_series_index == SERIES[name]
+            assert meta(img, "LOREIN_Unit") == UNITS[name]
+            assert meta(img, "GADGETRON_DataRole") == ROLES[name]
+            assert meta(img, "GADGETRON_ImageComment") == f"{name}_{UNITS[name]}"
         assert head.data_type == ismrmrd.DATATYPE_FLOAT and head.image_type == ismrmrd.IMTYPE_MAGNITUDE
         assert tuple(head.matrix_size) == geo["matrix"]
         assert img.data.shape == (1, geo["matrix"][2], geo["matrix"][1], geo["matrix"][0])
@@ -264,14 +303,19 @@ def header_bytes_without_attr_len(img) -> bytes:
     return bytes(head)
 
 
-def check_accuracy(maps, case, protocol, method):
-    brain = metrics.map_errors(maps, case.truth)
-    tissue = metrics.map_errors(maps, case.truth, "tissue")
-    errors = {**brain, **{f"{k}_tissue": v for k, v in tissue.items()}}
-    limits = THRESHOLDS[(protocol, method)]
-    print(f"NRMSE {protocol} {method}: " + ", ".join(f"{k} {errors[k]:.3f} (<= {v})" for k, v in limits.items()))
+def check_accuracy(maps, case, protocol, limits=None):
+    """The maps' errors (tissue_errors) within ``limits`` (default: ACCURACY[protocol], the default
+    method's)."""
+    limits = ACCURACY[protocol] if limits is None else limits
+    errors = metrics.tissue_errors(maps, case.truth)
+    print(f"NRMSE {protocol} {case.name}: " + ", ".join(f"{k} {errors[k]:.3f} (<= {v})" for k, v in limits.items()))
     bad = {k: round(errors[k], 3) for k, v in limits.items() if not errors[k] <= v}
-    assert not bad, f"NRMSE above the thresholds {limits}: {bad}"
+    assert not bad, f"NRMSE above the limits {limits}: {bad}"
+
+
+def check_plumbing(maps, case, protocol):
+    """A plumbing run's maps are not zero or empty (PLUMBING)."""
+    check_accuracy(maps, case, protocol, PLUMBING[protocol])
 
 
 # --------------------------------------------------------------------------------------------

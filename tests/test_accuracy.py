@@ -3,12 +3,16 @@
 qalas model lacks (sim.simulate mode 'realistic'), seeds 0 and 1 (scan and network), every method
 through ``recon.reconstruct`` at its defaults (what ``lorein recon --method NAME`` runs).
 
-The columns are gadget_lorein.metrics.tissue_errors': NRMSE over all tissue voxels (boundaries
-included) for T1 and T2, and over the voxels without partial volume for PD (whose scale is fitted).
+The columns are gadget_lorein.metrics.tissue_errors' NRMSE over the voxels without partial volume
+(PD after its least-squares scale). Over all tissue voxels the T2 error is set by the boundary
+voxels, whose truth is a PD-weighted mean with CSF that no single-compartment estimate reaches
+(docs/design.md, Realistic scans); benchmarks/accuracy.py reports those columns too.
 Network fits move by a few hundredths with the seed and the float rounding, so methods are compared
 by their mean over the seeds, each fit on one thread (bit-identical for a given seed there).
-Measured means (per-frame sampling, the realistic default): lorein 0.244 / 0.749 / 0.078, llr
-0.298 / 0.795 / 0.129, zerofill 0.319 / 0.797 / 0.154, cg 1.19 / 0.94 / 0.48.
+Measured means (seeds 0-1, one thread, AMD EPYC): lorein 0.120 / 0.186 / 0.082, llr 0.142 / 0.194 /
+0.129, zerofill 0.188 / 0.198 / 0.154, cg 1.62 / 2.37 / 0.48. On single-tissue T2 the default leads
+llr and zero-filled matching by about 0.01 here, so T2 has no absolute limit below theirs;
+conftest.ACCURACY's limits (checked on the chain's maps) are below them on every map.
 """
 from __future__ import annotations
 
@@ -22,9 +26,9 @@ import pytest
 
 SEEDS = (0, 1)
 BASELINES = ("zerofill", "cg", "llr")
-COLUMNS = ("T1 all", "T2 all", "PD pure")
+COLUMNS = ("T1 pure", "T2 pure", "PD pure")
 # the default's mean must stay below these; zero-filled matching and cg are above every one of them
-LIMITS = {"T1 all": 0.29, "T2 all": 0.78, "PD pure": 0.135}
+LIMITS = {"T1 pure": 0.16, "PD pure": 0.12}
 
 # one process: simulates the scan of each seed and fits the (method, seed) jobs on one thread
 _RUNNER = textwrap.dedent("""
@@ -81,3 +85,24 @@ def test_thresholds_that_the_baselines_cannot_pass(errors):
         assert errors["lorein"][c] < limit, f"lorein {c} {errors['lorein'][c]:.3f} >= {limit}: {msg}"
         for base in ("zerofill", "cg"):
             assert errors[base][c] >= limit, f"{base} passes the {c} limit {limit}: {msg}"
+
+
+@pytest.mark.parametrize("protocol, case_name", [("qalas", "qalas_small"), ("mrf", "mrf_tiny")])
+def test_chain_limits_fail_linear_maps(protocol, case_name, request):
+    """The chain tests' accuracy limits (conftest.ACCURACY, checked on the default method's maps of
+    these scans) are not met, on any map, by zero maps, zero-filled matching or cg (5 iterations,
+    as the plumbing runs, and at its default)."""
+    from conftest import ACCURACY
+    from gadget_lorein import metrics
+    from gadget_lorein.io import rawfile
+    from gadget_lorein.recon import pipeline as recon
+    case = request.getfixturevalue(case_name)
+    scan = rawfile.read_raw(case.raw).to_scan()
+    runs = {"zero maps": {k: np.zeros_like(case.truth[k]) for k in case.maps}}
+    for name, kw in (("zerofill", {}), ("cg 5 it", dict(iterations=5)), ("cg", {})):
+        method = name.split()[0]
+        runs[name] = recon.reconstruct(scan, recon.ReconSettings(method=method, device="cpu", **kw)).maps
+    for name, maps in runs.items():
+        errors = metrics.tissue_errors(maps, case.truth)
+        passed = {k: round(errors[k], 3) for k, limit in ACCURACY[protocol].items() if errors[k] <= limit}
+        assert not passed, f"{name} meets the {protocol} limits {ACCURACY[protocol]} on {passed}"

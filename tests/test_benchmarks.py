@@ -216,6 +216,16 @@ def test_mutation_run_smoke(tmp_path):
     assert " crash        0" in run.stdout and " hang         0" in run.stdout, run.stdout
 
 
+def test_confidence_table(capsys):
+    conf = load("confidence")
+    conf.main(["--matrix", "12", "12", "8", "--coils", "3", "--cases", "qalas8", "--methods", "zerofill"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| qalas8 | zerofill |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["T1", "T2"], out
+    for row in rows:
+        assert re.search(r"\| -?\d\.\d\d \(-?\d\.\d\d\) \| [+-]\d\.\d\d \| \d+\.\d\d \|", row), row
+
+
 @pytest.mark.gadgetron
 def test_throughput_tables(capsys):
     """benchmarks/throughput.py end to end on its smallest case (real servers; about 30 s)."""

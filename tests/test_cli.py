@@ -201,10 +201,14 @@ def test_simulate_then_recon_round_trip(tmp_path):
     assert {im.meta["LOREIN_Method"] for im in images} == {"CG"}
     # the same group again is replaced, not appended to; another group sits beside it
     assert run(*args, "-q").returncode == 0
-    assert len(map_images.read_images(out, "cg")) == 3
-    res = run("recon", raw, "-o", out, "--method", "zerofill", "-G", "zf", "--images-2d", "-q")
+    n = 3 + 5 + 3          # maps, synthetic images, confidence (T1 SD, T2 SD, undetermined)
+    assert len(map_images.read_images(out, "cg")) == n
+    assert sorted(map_images.images_to_maps(images, "synthetic")) == sorted(["T1w", "T2w", "PDw", "FLAIR", "STIR"])
+    assert fig.with_name("maps_synthetic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = run("recon", raw, "-o", out, "--method", "zerofill", "-G", "zf", "--images-2d", "-q",
+              "--synthetic", "none", "--no-confidence")
     assert res.returncode == 0, res.stderr
-    assert len(map_images.read_images(out, "zf")) == 3 * 16 and len(map_images.read_images(out, "cg")) == 3
+    assert len(map_images.read_images(out, "zf")) == 3 * 16 and len(map_images.read_images(out, "cg")) == n
 
     # truth of another scan: a clear error
     other = tmp_path / "other_truth.npz"
@@ -219,7 +223,7 @@ def test_demo_tiny(tmp_path):
     res = run("demo", "--out", out, "--matrix", 16, 16, 8, "--coils", 4, "--accel", 4, "--method", "lorein",
               "--iterations", 3)
     assert res.returncode == 0, res.stderr
-    for name in ("raw.h5", "truth.npz", "maps.h5", "maps.png", "simulation.png"):
+    for name in ("raw.h5", "truth.npz", "maps.h5", "maps.png", "simulation.png", "synthetic.png"):
         assert (out / name).is_file(), name
         assert name in res.stdout
     rows = _nrmse_rows(res.stdout)
@@ -241,7 +245,10 @@ def test_every_setting_is_an_option():
     """recon and serve take every setting as --name-with-dashes; the same validator as the chain."""
     from gadget_lorein import settings
     values = {"method": "pmr", "device": "cpu", "coil_maps": "espirit", "protocol": "qalas",
-              "output": "maps+coefficients", "log_level": "DEBUG"}
+              "output": "maps+coefficients", "log_level": "DEBUG", "synthetic": "FLAIR,DIR",
+              "synthetic_t1w": "600,12", "synthetic_t2w": "5000,90", "synthetic_pdw": "2500,12",
+              "synthetic_flair": "10000,100,2600", "synthetic_stir": "4000,40,200",
+              "synthetic_dir": "7000,20,3000,500"}
     for command in ("recon", "serve"):
         argv = [command] + (["in.h5", "-o", "out.h5"] if command == "recon" else [])
         for s in settings.SETTINGS:

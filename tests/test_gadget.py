@@ -5,12 +5,10 @@ gadget_lorein.node.gadget reconstruct`` exactly as config_xml/lorein.xml's <exec
 CONFIG message, the header and every acquisition, and read back images, ERROR messages and CLOSE.
 
 Speed: plumbing tests use method cg with few iterations through a copy of the chain with changed
-properties; one test runs the default method (lorein), with few iterations. Accuracy thresholds
-(NRMSE against the truth; T1, PD, B1 over the brain, T2 over the tissue for QALAS (CSF's long T2
-is weakly encoded) and over the brain for MRF) were measured on the small simulated scans (24 x 24
-x 16; see conftest) and sit between what the methods reach there and what a broken pipeline gives:
-zero maps score 1.0, a map flipped along any axis or shifted by one voxel scores at least 0.55 for
-T1 (0.55-0.70) and at least 5 for T2 in tissue, even when the map is the truth itself.
+properties, and check only that the maps are not zero (conftest.PLUMBING) besides comparing them
+with the library's own; one test runs the default method (lorein) at its defaults on the realistic
+qalas test scan and checks its accuracy (conftest.ACCURACY: NRMSE over single-tissue voxels, limits
+that zero-filled matching and cg do not meet).
 """
 from __future__ import annotations
 
@@ -26,7 +24,7 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from conftest import (REPO, stop_process, unknown_protocol, chain_copy, check_accuracy, check_images, converse, expected_geometry,
+from conftest import (REPO, stop_process, unknown_protocol, chain_copy, check_accuracy, check_images, check_plumbing, converse, expected_geometry,
                       gadget_env, header_bytes_without_attr_len, meta, play, raw_items, read_chain, serve_command, wait_listening)
 from gadget_lorein.node import gadget, server
 from gadget_lorein.recon import pipeline as recon
@@ -52,16 +50,17 @@ def check_clean(result):
 # the chain, end to end
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.timeout(60, func_only=True)
+@pytest.mark.timeout(300, func_only=True)
 def test_chain_lorein_qalas(qalas_small, tmp_path):
-    """Method lorein (10 iterations): three maps, right geometry and meta, accurate."""
-    chain = read_chain(fast_chain(tmp_path, method="lorein", iterations="10"))
+    """Method lorein at its defaults: three maps, right geometry and meta, and the default
+    method's accuracy (limits that zero-filled matching and cg do not meet)."""
+    chain = read_chain(fast_chain(tmp_path, method="lorein"))
     assert (chain.module, chain.target) == ("gadget_lorein.node.gadget", "reconstruct")
     header, acqs = raw_items(qalas_small.raw)
-    result = play(chain, header, acqs, timeout=55)
+    result = play(chain, header, acqs, timeout=290)
     check_clean(result)
     check_images(result.images, qalas_small, "LoREIN")
-    check_accuracy(result.maps(), qalas_small, "qalas", "lorein")
+    check_accuracy(result.maps(), qalas_small, "qalas")
     assert re.search(r"lorein: done: method lorein, protocol qalas, rank \d+, iterations \d+", result.log)
     assert "timings:" in result.log
 
@@ -74,7 +73,7 @@ def test_chain_mrf_cg(mrf_small, tmp_path):
     result = play(chain, header, acqs, timeout=55)
     check_clean(result)
     check_images(result.images, mrf_small, "CG")
-    check_accuracy(result.maps(), mrf_small, "mrf", "cg")
+    check_plumbing(result.maps(), mrf_small, "mrf")
     # the library on the same file, without the gadget: the very same maps
     reference = recon.reconstruct(rawfile.read_raw(mrf_small.raw).to_scan(),
                                   recon.ReconSettings(method="cg", iterations=5, coil_maps="lowres"))
@@ -105,7 +104,7 @@ def test_recon_file_equals_chain(qalas_small, tmp_path):
     header, acqs = raw_items(qalas_small.raw)
     result = play(chain, header, with_extras(acqs), timeout=55)
     check_clean(result)
-    check_accuracy(result.maps(), qalas_small, "qalas", "cg")
+    check_plumbing(result.maps(), qalas_small, "qalas")
     assert [type(x).__name__ for x in result.other] == ["Acquisition", "Waveform"]
     nav, wav = result.other
     assert nav.is_flag_set(ismrmrd.ACQ_IS_NAVIGATION_DATA) and nav.scan_counter == 41
@@ -118,10 +117,14 @@ def test_recon_file_equals_chain(qalas_small, tmp_path):
     settings = dict(chain.properties)
     offline = gadget.recon_file(qalas_small.raw, tmp_path / "out.h5", settings, group="run")
     stored = map_images.read_images(tmp_path / "out.h5", "run")
-    assert len(offline) == len(stored) == len(result.images) == 3
-    chain_maps, file_maps = result.maps(), map_images.images_to_maps(stored)
-    for name in chain_maps:
-        assert np.array_equal(chain_maps[name], file_maps[name]), name
+    # 3 maps, 5 synthetic images, T1/T2 SD and the undetermined voxels
+    assert len(offline) == len(stored) == len(result.images) == 3 + 5 + 3
+    for kind in ("map", "synthetic", "confidence"):
+        chain_maps = map_images.images_to_maps(result.images, kind)
+        file_maps = map_images.images_to_maps(stored, kind)
+        assert sorted(chain_maps) == sorted(file_maps) and chain_maps
+        for name in chain_maps:
+            assert np.array_equal(chain_maps[name], file_maps[name]), name
     by_series = {i.image_series_index: i for i in result.images}
     for img in stored:   # (a stored header has attribute_string_len 0: the attributes are a dataset)
         assert header_bytes_without_attr_len(img) == header_bytes_without_attr_len(by_series[img.image_series_index])
@@ -145,17 +148,24 @@ def test_chain_without_configuration(qalas_tiny, tmp_path):
 
 @pytest.mark.timeout(60, func_only=True)
 def test_chain_options(qalas_small, tmp_path):
-    """images_2d, output=maps+coefficients, an unknown setting (warning only)."""
+    """images_2d, output=maps+coefficients, synthetic images chosen, no confidence maps, an
+    unknown setting (warning only)."""
     chain = read_chain(fast_chain(tmp_path, method="cg", iterations="3", images_2d="true",
-                                  output="maps+coefficients", no_such_setting="1"))
+                                  output="maps+coefficients", synthetic="FLAIR,dir",
+                                  synthetic_flair="10000,100,2600", confidence="false",
+                                  no_such_setting="1"))
     header, acqs = raw_items(qalas_small.raw)
     result = play(chain, header, acqs, timeout=55)
     check_clean(result)
     assert re.search(r"WARNING .*ignoring unknown setting\(s\) no_such_setting", result.log)
     nx, ny, nz = expected_geometry(qalas_small.raw)["matrix"]
-    maps = [i for i in result.images if i.image_series_index < 100]
+    maps = [i for i in result.images if i.image_series_index < 10]
     coefs = [i for i in result.images if i.image_series_index > 100]
+    derived = [i for i in result.images if 10 < i.image_series_index < 100]
     assert len(maps) == 3 * nz and all(i.data.shape == (1, 1, ny, nx) for i in maps)
+    assert sorted({i.image_series_index for i in derived}) == [14, 16] and len(derived) == 2 * nz
+    assert {i.meta["SeriesDescription"] for i in derived if i.image_series_index == 14} == \
+        {"LOREIN synthetic FLAIR TR 10000 TE 100 TI 2600"}
     t1 = sorted((i for i in maps if i.image_series_index == 1), key=lambda i: i.slice)
     assert [i.slice for i in t1] == list(range(nz)) and [i.image_index for i in t1] == list(range(1, nz + 1))
     dz = t1[1].position[2] - t1[0].position[2]
@@ -203,7 +213,7 @@ def test_serve_loopback(qalas_small, tmp_path):
     assert rc == 0, log[-4000:]
     assert result.closed and not result.errors and result.receive_error is None, log[-4000:]
     check_images(result.images, qalas_small, "CG")
-    check_accuracy(result.maps(), qalas_small, "qalas", "cg")
+    check_plumbing(result.maps(), qalas_small, "qalas")
 
 
 @pytest.mark.timeout(60, func_only=True)

@@ -116,8 +116,9 @@ def test_distributed_chain_splits_repetitions_across_workers(case):
         assert "adding local worker" not in c.main.log_text()
         for w in c.workers:        # the chain's settings reached the workers' gadgets
             assert "settings: method=cg" in w.log_text() and "threads: 1 per reconstruction" in w.log_text()
-        images = map_images.read_images(out, "run")
-        assert sorted(int(i.image_series_index) for i in images) == [1, 2, 3, 1001, 1002, 1003]
+        series = sorted(int(i.image_series_index) for i in map_images.read_images(out, "run"))
+        first = [x for x in series if x < 1000]
+        assert {1, 2, 3} <= set(first) and series == first + [x + 1000 for x in first]
         assert_same_maps(per_repetition(out), case["ref"])
         print(f"distributed scan: {seconds:.1f} s")
     finally:

@@ -477,7 +477,8 @@ def test_serve_forever_one_process_per_connection(qalas_small, tmp_path):
     finally:
         proc.terminate()
         out = proc.communicate(10)[0]
-    assert result.closed and not result.errors and len(result.images) == 3, (result, out[-3000:])
+    # 3 maps, 5 synthetic images, 3 confidence maps
+    assert result.closed and not result.errors and len(result.images) == 11, (result, out[-3000:])
 
 
 def test_refusal_when_busy():

@@ -38,7 +38,7 @@ META_UNIT = "LOREIN_Unit"
 META_METHOD = "LOREIN_Method"
 
 
-VOLUME_SERIES_STRIDE = 1000   # volume v of a multi-volume stream: series 1000 x v + the map's
+VOLUME_SERIES_STRIDE = 1000   # volume v of a multi-volume stream: series 1000 x v + the image's own
 
 
 class VolumeIndex(NamedTuple):
@@ -49,14 +49,24 @@ class VolumeIndex(NamedTuple):
     number: int = 0
 
 
-def _place_volume(img: ismrmrd.Image, vol: VolumeIndex | None, nz: int, as_2d: bool) -> None:
-    """Stamp the volume into an image header: ``repetition``; ``slice`` the slab (3D images) or
-    slab x nz + partition (2D images, whose ``slice`` is the partition)."""
-    if vol is None:
-        return
-    img.repetition = int(vol.repetition)
-    img.slice = int(vol.slice) * nz + int(img.slice) if as_2d else int(vol.slice)
-    img.image_series_index = int(img.image_series_index) + VOLUME_SERIES_STRIDE * int(vol.number)
+def place_volume(images: list, volume: VolumeIndex, nz: int, as_2d: bool) -> list:
+    """Stamp a volume of a multi-volume stream into its images (maps, derived, coefficients):
+    ``repetition``; ``slice`` the slab (3D images) or slab x nz + partition (2D images, whose
+    ``slice`` is the partition); series + 1000 x the volume's number. Returns ``images``."""
+    for img in images:
+        img.repetition = int(volume.repetition)
+        img.slice = int(volume.slice) * nz + int(img.slice) if as_2d else int(volume.slice)
+        img.image_series_index = int(img.image_series_index) + VOLUME_SERIES_STRIDE * int(volume.number)
+    return images
+
+
+def split_volumes(images) -> dict:
+    """{volume number: that volume's images} in number order (series // 1000; a single-volume
+    stream is volume 0). Feed each list to :func:`images_to_maps`."""
+    groups: dict = {}
+    for img in images:
+        groups.setdefault(int(img.image_series_index) // VOLUME_SERIES_STRIDE, []).append(img)
+    return dict(sorted(groups.items()))
 
 
 def _window(vol: np.ndarray) -> tuple[float, float]:
@@ -90,9 +100,74 @@ def _set_geometry(img: ismrmrd.Image, g: Geometry, position, fov, slice_index: i
     img.patient_table_position = _vec3(g.patient_table_position)
 
 
+# the names a PACS-bound chain reads (python-ismrmrd-server's mrd2dicom.py copies these meta
+# attributes into the DICOM elements of the same name; ImageType as a list: DICOM's multi-value)
+META_SERIES_DESCRIPTION = "SeriesDescription"
+META_PACS_WINDOW_CENTER = "WindowCenter"
+META_PACS_WINDOW_WIDTH = "WindowWidth"
+META_IMAGE_TYPE = "ImageType"
+META_KIND = "LOREIN_Kind"          # map, synthetic or confidence
+IMAGE_TYPES = {"map": ["DERIVED", "PRIMARY", "QMAP"], "synthetic": ["DERIVED", "PRIMARY", "SYNTHETIC"],
+               "confidence": ["DERIVED", "SECONDARY", "CONFIDENCE"]}
+
+
+def _volume_images(name: str, vol, geometry: Geometry, series: int, as_2d: bool,
+                   meta: dict) -> list[ismrmrd.Image]:
+    """One float32 magnitude image (or one per partition) of one volume, with ``meta`` plus the
+    window and the image number."""
+    shape = geometry.shape
+    nz = shape[0]
+    vol = np.asarray(vol, dtype=np.float32)
+    if vol.shape != shape:
+        raise ValueError(f"map '{name}' has shape {vol.shape}; the geometry says (nz, ny, nx) = {shape}")
+    vol = np.where(np.isfinite(vol), vol, np.float32(0)).astype(np.float32)
+    centre, width = _window(vol)
+    base_meta = {**meta, META_WINDOW_CENTER: _fmt(centre), META_WINDOW_WIDTH: _fmt(width),
+                 META_PACS_WINDOW_CENTER: _fmt(centre), META_PACS_WINDOW_WIDTH: _fmt(width)}
+    pos0 = np.asarray(geometry.position, dtype=float)
+    sdir = np.asarray(geometry.slice_dir, dtype=float)
+    dz = geometry.fov_mm[2] / nz
+    if as_2d:
+        parts = [(k, vol[k:k + 1], pos0 + (k - nz // 2) * dz * sdir,
+                  (geometry.fov_mm[0], geometry.fov_mm[1], dz)) for k in range(nz)]
+    else:
+        parts = [(0, vol, pos0, geometry.fov_mm)]
+    images = []
+    for k, data, pos, fov in parts:
+        img = ismrmrd.Image.from_array(np.ascontiguousarray(data), transpose=False)
+        image_index = k + 1
+        _set_geometry(img, geometry, pos, fov, k, image_index, series)
+        m = ismrmrd.Meta()
+        m.update(base_meta)
+        m[META_IMAGE_NUMBER] = str(image_index)
+        img.meta = m
+        images.append(img)
+    return images
+
+
+def _meta(name: str, unit: str, role: str, description: str, kind: str, method: str,
+          extra: dict | None) -> dict:
+    out = {
+        META_DATA_ROLE: role,
+        META_IMAGE_COMMENT: f"{name}_{unit}",
+        META_SEQ_DESCRIPTION: f"LOREIN_{name}",
+        META_SERIES_DESCRIPTION: description,
+        META_IMAGE_TYPE: IMAGE_TYPES[kind] + [name.upper()],
+        META_PROCESSING_HISTORY: ["LOREIN", name],
+        META_SCALE_RATIO: "1",
+        META_MAP: name,
+        META_UNIT: unit,
+        META_METHOD: str(method),
+        META_KIND: kind,
+    }
+    for k, v in (extra or {}).items():
+        out[k] = v if isinstance(v, list) else str(v)
+    return out
+
+
 def maps_to_images(maps: dict, geometry: Geometry, units: dict | None = None, as_2d: bool = False,
                    series_offset: int = 0, extra: dict | None = None,
-                   method: str = "LoREIN", volume: VolumeIndex | None = None) -> list[ismrmrd.Image]:
+                   method: str = "LoREIN") -> list[ismrmrd.Image]:
     """Parameter maps {name: (nz, ny, nx)} -> float32 magnitude ISMRMRD images.
 
     One 3D image per map (matrix_size (nx, ny, nz), the recon FOV, position = volume centre), or
@@ -101,13 +176,10 @@ def maps_to_images(maps: dict, geometry: Geometry, units: dict | None = None, as
     B1 4, other maps 5, 6, ... in name order; plus ``series_offset``. Non-finite values become 0.
     Meta: GADGETRON_DataRole, _ImageComment ("T1_ms"), _SeqDescription, _ImageProcessingHistory,
     _WindowCenter/_WindowWidth (1st-99th percentile of the non-zero values), _ScaleRatio (1),
-    _ImageNumber, LOREIN_Map, LOREIN_Unit, LOREIN_Method, and ``extra`` {name: value}.
-    ``volume`` (a multi-volume stream): ``repetition`` and ``slice`` in the header, series + 1000 x
-    its number (:func:`_place_volume`).
+    _ImageNumber, SeriesDescription, WindowCenter/WindowWidth, ImageType [DERIVED, PRIMARY, QMAP, T1],
+    LOREIN_Map, LOREIN_Unit, LOREIN_Method, LOREIN_Kind (map), and ``extra`` {name: value}.
     """
     units = {**MAP_UNITS, **(units or {})}
-    shape = geometry.shape
-    nz = shape[0]
     known = [k for k in MAP_SERIES if k in maps]
     others = sorted(k for k in maps if k not in MAP_SERIES)
     series_of = {k: MAP_SERIES[k] for k in known}
@@ -115,47 +187,33 @@ def maps_to_images(maps: dict, geometry: Geometry, units: dict | None = None, as
     for k in others:
         series_of[k] = nxt
         nxt += 1
-    pos0 = np.asarray(geometry.position, dtype=float)
-    sdir = np.asarray(geometry.slice_dir, dtype=float)
-    dz = geometry.fov_mm[2] / nz
     images = []
     for name in known + others:
-        vol = np.asarray(maps[name], dtype=np.float32)
-        if vol.shape != shape:
-            raise ValueError(f"map '{name}' has shape {vol.shape}; the geometry says (nz, ny, nx) = {shape}")
-        vol = np.where(np.isfinite(vol), vol, np.float32(0)).astype(np.float32)
         unit = str(units.get(name, "a.u."))
-        centre, width = _window(vol)
-        series = series_of[name] + int(series_offset)
-        base_meta = {
-            META_DATA_ROLE: MAP_DATA_ROLES.get(name, name),
-            META_IMAGE_COMMENT: f"{name}_{unit}",
-            META_SEQ_DESCRIPTION: f"LOREIN_{name}",
-            META_PROCESSING_HISTORY: ["LOREIN", name],
-            META_WINDOW_CENTER: _fmt(centre),
-            META_WINDOW_WIDTH: _fmt(width),
-            META_SCALE_RATIO: "1",
-            META_MAP: name,
-            META_UNIT: unit,
-            META_METHOD: str(method),
-        }
-        for k, v in (extra or {}).items():
-            base_meta[k] = v if isinstance(v, list) else str(v)
-        if as_2d:
-            parts = [(k, vol[k:k + 1], pos0 + (k - nz // 2) * dz * sdir,
-                      (geometry.fov_mm[0], geometry.fov_mm[1], dz)) for k in range(nz)]
-        else:
-            parts = [(0, vol, pos0, geometry.fov_mm)]
-        for k, data, pos, fov in parts:
-            img = ismrmrd.Image.from_array(np.ascontiguousarray(data), transpose=False)
-            image_index = k + 1
-            _set_geometry(img, geometry, pos, fov, k, image_index, series)
-            meta = ismrmrd.Meta()
-            meta.update(base_meta)
-            meta[META_IMAGE_NUMBER] = str(image_index)
-            img.meta = meta
-            _place_volume(img, volume, nz, as_2d)
-            images.append(img)
+        meta = _meta(name, unit, MAP_DATA_ROLES.get(name, name), f"LOREIN {name} map [{unit}]", "map",
+                     method, extra)
+        images += _volume_images(name, maps[name], geometry, series_of[name] + int(series_offset),
+                                 as_2d, meta)
+    return images
+
+
+def derived_images(volumes: dict, geometry: Geometry, kind: str, series: dict, units: dict,
+                   descriptions: dict | None = None, as_2d: bool = False, method: str = "LoREIN",
+                   extra: dict | None = None, meta: dict | None = None) -> list[ismrmrd.Image]:
+    """Images computed from the maps ({name: (nz, ny, nx)}): ``kind`` 'synthetic' (weighted images,
+    recon/synthetic.py) or 'confidence' (recon/confidence.py), series ``series[name]``, placed and
+    labelled as :func:`maps_to_images` does (GADGETRON_DataRole ``LOREIN_<KIND>``, SeriesDescription
+    ``descriptions[name]``, ImageType [DERIVED, PRIMARY, SYNTHETIC, <NAME>] or [DERIVED, SECONDARY,
+    CONFIDENCE, <NAME>], LOREIN_Kind ``kind``), plus ``meta[name]`` {key: value}."""
+    if kind not in ("synthetic", "confidence"):
+        raise ValueError(f"unknown derived image kind {kind!r}")
+    images = []
+    for name, vol in volumes.items():
+        unit = str(units.get(name, "a.u."))
+        desc = (descriptions or {}).get(name, f"LOREIN {name}")
+        own = _meta(name, unit, f"LOREIN_{kind.upper()}", desc, kind, method,
+                    {**(extra or {}), **(meta or {}).get(name, {})})
+        images += _volume_images(name, vol, geometry, int(series[name]), as_2d, own)
     return images
 
 
@@ -163,8 +221,7 @@ COEFFICIENT_SERIES_BASE = 100          # coefficient k (1-based) goes to series 
 
 
 def coefficient_images(coeffs: np.ndarray, geometry: Geometry, as_2d: bool = False,
-                       method: str = "LoREIN", source: str = "model",
-                       volume: VolumeIndex | None = None) -> list[ismrmrd.Image]:
+                       method: str = "LoREIN", source: str = "model") -> list[ismrmrd.Image]:
     """Subspace coefficient images (K, nz, ny, nx) -> complex float32 ISMRMRD images, series 101,
     102, ... (3D, or one per partition with ``as_2d``, placed as :func:`maps_to_images` does);
     meta LOREIN_Map coef1, coef2, ... and LOREIN_CoefficientSource ``source``."""
@@ -192,18 +249,8 @@ def coefficient_images(coeffs: np.ndarray, geometry: Geometry, as_2d: bool = Fal
                          META_UNIT: "a.u.", META_METHOD: method,
                          "LOREIN_CoefficientSource": source})
             img.meta = meta
-            _place_volume(img, volume, nz, as_2d)
             images.append(img)
     return images
-
-
-def split_volumes(images) -> dict:
-    """{volume number: that volume's images} in number order (series // 1000; a single-volume
-    stream is volume 0). Feed each list to :func:`images_to_maps`."""
-    groups: dict = {}
-    for img in images:
-        groups.setdefault(int(img.image_series_index) // VOLUME_SERIES_STRIDE, []).append(img)
-    return dict(sorted(groups.items()))
 
 
 def _meta_str(meta, key):
@@ -213,13 +260,17 @@ def _meta_str(meta, key):
     return v
 
 
-def images_to_maps(images) -> dict:
-    """Inverse of :func:`maps_to_images`: {map name: (nz, ny, nx) float32}. 2D images of one map
-    are stacked in ``slice`` order; the name comes from LOREIN_Map (else GADGETRON_DataRole)."""
+def images_to_maps(images, kind: str = "map") -> dict:
+    """Inverse of :func:`maps_to_images` (and of :func:`derived_images` with ``kind`` 'synthetic'
+    or 'confidence'): {map name: (nz, ny, nx) float32} of the images of that LOREIN_Kind (images
+    without one are maps). 2D images of one map are stacked in ``slice`` order; the name comes from
+    LOREIN_Map (else GADGETRON_DataRole)."""
     inv_roles = {v: k for k, v in MAP_DATA_ROLES.items()}
     groups: dict[str, list] = {}
     for img in images:
         meta = img.meta
+        if (_meta_str(meta, META_KIND) or "map") != kind:
+            continue
         name = _meta_str(meta, META_MAP)
         if name is None:
             role = _meta_str(meta, META_DATA_ROLE)

@@ -22,7 +22,9 @@ What happens to the stream
     - at the acquisition flagged ACQ_LAST_IN_MEASUREMENT the scan is reconstructed
       (``recon.reconstruct``) and one float32 image per map is sent (T1 [ms], T2 [ms], PD [a.u.],
       and B1 [fraction] for protocols that encode it; series 1, 2, 3, 4; geometry and meta as in
-      docs/data-format.md). Acquisitions after it start a new measurement;
+      docs/data-format.md), then the synthetic weighted images (series 11-16, recon/synthetic.py)
+      and the confidence maps (series 21-25, recon/confidence.py) that the settings ask for.
+      Acquisitions after it start a new measurement;
     - a stream of several volumes (``repetition`` / ``slice`` encoding limits above 0) is buffered
       per volume (``volumes.VolumeRouter``): each volume is reconstructed as soon as its last line
       arrives (ACQ_LAST_IN_SLICE / ACQ_LAST_IN_REPETITION, or the end of the stream as fallback),
@@ -69,13 +71,14 @@ from .. import __version__, concurrency, limits
 from .. import settings as settings_mod
 from ..io import header, map_images, rawfile, volumes
 from ..physics import protocol as protocol_mod
+from ..recon import confidence, synthetic
 from ..recon import pipeline as recon
 from . import guard as peer_guard
 from .connection import describe_error, drain, guard, send_error
 
 log = logging.getLogger(__name__)
 
-__all__ = ["reconstruct", "process", "recon_file", "METHOD_LABELS"]
+__all__ = ["reconstruct", "process", "recon_file", "derived_images", "METHOD_LABELS"]
 
 METHOD_LABELS = {"lorein": "LoREIN", "pmr": "PMR", "lrr": "LRR", "cg": "CG", "llr": "LLR",
                  "zerofill": "zerofill"}
@@ -163,14 +166,17 @@ def _reconstruct_scan(router: volumes.VolumeRouter, volume: volumes.Volume,
     t = time.perf_counter()
     extra = {"LOREIN_Protocol": info.get("protocol", raw.protocol_name), "LOREIN_Rank": info.get("rank", ""),
              "LOREIN_Version": __version__}
-    vol = map_images.VolumeIndex(rep, slc, router.volume_index(volume.key))
     images = map_images.maps_to_images(result.maps.as_dict(), raw.geometry, as_2d=gs.images_2d,
-                                method=METHOD_LABELS.get(rs.method, rs.method), extra=extra, volume=vol)
+                                method=METHOD_LABELS.get(rs.method, rs.method), extra=extra)
     if gs.output == "maps+coefficients":
         images += map_images.coefficient_images(recon.model_coefficients(result), raw.geometry,
-                                                gs.images_2d, METHOD_LABELS.get(rs.method, rs.method),
-                                                volume=vol)
+                                                gs.images_2d, METHOD_LABELS.get(rs.method, rs.method))
     clock.add("images", time.perf_counter() - t)
+    images += derived_images(result, proto, raw.geometry, gs, METHOD_LABELS.get(rs.method, rs.method),
+                             extra, clock)
+    if router.multi:
+        map_images.place_volume(images, map_images.VolumeIndex(rep, slc, router.volume_index(volume.key)),
+                                raw.geometry.shape[0], gs.images_2d)
     t = time.perf_counter()
     for img in images:
         send(img)
@@ -181,6 +187,36 @@ def _reconstruct_scan(router: volumes.VolumeRouter, volume: volumes.Volume,
     log.info(where + "lorein: done: method %s, protocol %s, rank %s, iterations %s, reconstruction %.1f s; "
              "sent %d images (%s)", rs.method, info.get("protocol"), info.get("rank"), iters, total,
              len(images), ", ".join(sorted(result.maps.as_dict())))
+
+
+def derived_images(result, proto, geometry, gs: settings_mod.NodeSettings, method: str,
+                   extra: dict | None = None, clock: _Clock | None = None) -> list:
+    """The synthetic weighted images (series 11-16, setting ``synthetic``) and the confidence maps
+    (series 21-25, setting ``confidence``) of a reconstruction, as ISMRMRD images."""
+    images = []
+    t = time.perf_counter()
+    timings = synthetic.timings_from_settings(gs)
+    if timings:
+        vols = synthetic.synthetic_images(result.maps, timings)
+        desc = {k: "LOREIN synthetic " + synthetic.describe(k, v) for k, v in timings.items()}
+        timing = {k: {"LOREIN_Timing": ",".join(f"{x:g}" for x in v), "EchoTime": f"{v[1]:g}",
+                      "RepetitionTime": f"{v[0]:g}", **({"InversionTime": f"{v[2]:g}"} if len(v) > 2 else {})}
+                  for k, v in timings.items()}
+        images += map_images.derived_images(vols, geometry, "synthetic", synthetic.SERIES, {}, desc,
+                                            gs.images_2d, method, extra, timing)
+    if clock is not None:
+        clock.add("synthetic", time.perf_counter() - t)
+    t = time.perf_counter()
+    if gs.confidence and result.noise is not None:
+        vols = confidence.confidence_maps(proto, result.maps, result.support, result.noise,
+                                          gs.confidence_max_rel_sd, result.subspace)
+        desc = {k: f"LOREIN {k.split('_')[0]} SD (Cramer-Rao)" for k in vols}
+        desc["UNDETERMINED"] = f"LOREIN undetermined (rel. SD > {gs.confidence_max_rel_sd:g})"
+        images += map_images.derived_images(vols, geometry, "confidence", confidence.SERIES,
+                                            confidence.UNITS, desc, gs.images_2d, method, extra)
+    if clock is not None:
+        clock.add("confidence", time.perf_counter() - t)
+    return images
 
 
 def _check_resources(router: volumes.VolumeRouter, proto, rs, gs, device) -> None:

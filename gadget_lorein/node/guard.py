@@ -16,17 +16,16 @@ import logging
 import os
 import select
 import socket
-import struct
 import subprocess
 import sys
 import threading
 
 from .. import limits
 from ..io.header import MRDError
+from .connection import close_message, error_message
 
 log = logging.getLogger(__name__)
 
-ERROR_MESSAGE_ID, CLOSE_MESSAGE_ID = 8, 4
 SETTINGS_ENV = "LOREIN_SERVE_SETTINGS"
 
 
@@ -109,10 +108,9 @@ def strict_readers(connection) -> None:
 
 def refuse(sock: socket.socket, text: str) -> None:
     """Send an ERROR message and CLOSE, and close the socket."""
-    msg = f"gadget_lorein: {text}".encode("utf-8", "replace")
     try:
         sock.settimeout(5)
-        sock.sendall(struct.pack("<HQ", ERROR_MESSAGE_ID, len(msg)) + msg + struct.pack("<H", CLOSE_MESSAGE_ID))
+        sock.sendall(error_message(f"gadget_lorein: {text}") + close_message())
     except OSError:
         pass
     finally:

@@ -47,7 +47,9 @@ from ..io import rawfile
 from ..io.header import MRDError
 
 DEFAULT_CONFIG = "lorein.xml"   # the stock client's default is default.xml
-HEADER_ID = 3                   # message id of the ISMRMRD XML header
+# message id of the ISMRMRD XML header (gadgetron-python's GADGET_MESSAGE_HEADER, not imported:
+# replay is a client and needs only h5py, ismrmrd, numpy and tqdm)
+HEADER_ID = 3
 _SERVER_ERROR = re.compile(r"\] ERROR: ")
 
 

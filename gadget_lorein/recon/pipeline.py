@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from . import baselines, calibration
+from . import baselines, calibration, confidence
 
 from ..physics import protocol as protocol_mod
 from ..data import KSpaceLines, Maps, Scan
@@ -30,6 +30,7 @@ class ReconResult:
     timings: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     subspace: SubspaceModel | None = None   # the temporal subspace the maps were fitted in (CPU)
+    noise: confidence.NoiseModel | None = None  # what the Cramér-Rao confidence maps need
 
     @property
     def support(self) -> np.ndarray:
@@ -63,11 +64,15 @@ def scan_protocol(scan: Scan, override: str = "") -> protocol_mod.Protocol:
     return choose_protocol(override, scan.protocol_yaml, scan.protocol_name)
 
 
+def pd_reference(pd: np.ndarray, support: np.ndarray) -> float:
+    """The 99th percentile of |PD| inside the support: the PD map's unit (see normalise_pd)."""
+    ref = np.percentile(np.abs(pd)[support], 99) if support.any() else 1.0
+    return max(float(ref), 1e-30)
+
+
 def normalise_pd(pd: np.ndarray, support: np.ndarray) -> np.ndarray:
     """|PD| scaled so that its 99th percentile inside the support is 1 (CSF is about 1)."""
-    mag = np.abs(pd)
-    ref = np.percentile(mag[support], 99) if support.any() else 1.0
-    return (mag / max(ref, 1e-30)).astype(np.float32)
+    return (np.abs(pd) / pd_reference(pd, support)).astype(np.float32)
 
 
 class Stage:
@@ -106,6 +111,9 @@ def prepare(scan: Scan, settings: ReconSettings, timings: dict | None = None,
         if scan.noise is not None and scan.noise.size:
             white = calibration.whitening_matrix(scan.noise)
             lines = calibration.apply_coil_matrix(lines, white)
+            noise_var = 1.0             # whitened: unit variance per sample and coil
+        else:
+            noise_var = confidence.noise_variance_from_lines(lines.data)
     with stage("subspace"):
         sub = build_subspace(proto, settings.rank or None, settings.energy, device="cpu")
     with stage("coil_maps"):
@@ -137,7 +145,8 @@ def prepare(scan: Scan, settings: ReconSettings, timings: dict | None = None,
             op.held_out = HeldOutLines(held, sub.basis, device=dev, coil_batch=settings.coil_batch)
     info = dict(protocol=proto.name, rank=sub.rank, energy=sub.energy, device=str(dev),
                 coils=lines.n_coils, frames=lines.n_frames, lines=len(measured.frame),
-                acceleration=measured.acceleration(), settings=asdict(settings))
+                acceleration=measured.acceleration(), settings=asdict(settings), noise_var=noise_var,
+                _frame_fraction=np.bincount(lines.frame, minlength=lines.n_frames) / (lines.nz * lines.ny))
     return proto, sub.to(dev), op, torch.from_numpy(support).to(dev), info
 
 
@@ -231,8 +240,32 @@ def _reconstruct(scan: Scan, settings: ReconSettings, progress=None, protocol=No
             else:
                 x = baselines.llr_recon(op, iters=it or 80)
             maps = match_maps(sub, x, support, proto.encodes_b1)
+    sup_np = support.cpu().numpy()
+    gain = data_scale(op, sub, maps, support)
+    info["data_scale"] = gain
+    noise = confidence.NoiseModel(
+        coil_rss2=(op.maps.abs() ** 2).sum(0).cpu().numpy(), frame_fraction=info.pop("_frame_fraction"),
+        noise_var=info["noise_var"],
+        pd_scale=gain * pd_reference(maps["PD"].detach().cpu().numpy(), sup_np))
     info["method"] = settings.method
-    return ReconResult(finish_maps(maps, support), timings, info, subspace=sub.to("cpu"))
+    return ReconResult(finish_maps(maps, support), timings, info, subspace=sub.to("cpu"), noise=noise)
+
+
+def data_scale(op: SubspaceOperator, sub: SubspaceModel, maps: dict, support: torch.Tensor) -> float:
+    """The least-squares gain a of the maps' model signal X = PD U^H s(T1, T2, B1) against the
+    data, min ||a A X - y||: 1 when PD is in the data's units (a fit), far from it when the
+    method's PD is not (zero-filled matching of a sparse MRF train picks up the cross-talk between
+    coefficients, PD 50x too high). The confidence maps use PD x a, the signal the data support."""
+    with torch.no_grad():
+        def vox(name):
+            return maps[name].detach()[support].real.float() if name in maps else None
+        c = maps["PD"].detach()[support].to(torch.complex64)[:, None] * sub.coefficients(
+            vox("T1").clamp_min(1e-3), vox("T2").clamp_min(1e-3), vox("B1"))
+        x = torch.zeros((sub.rank,) + tuple(support.shape), dtype=torch.complex64, device=support.device)
+        x[:, support] = c.T.to(x.device)
+        num = float((x.conj() * op.adjoint_data()).sum().real)
+        den = float((x.conj() * op.normal(x)).sum().real)
+    return num / den if den > 0 and num > 0 else 1.0
 
 
 def model_coefficients(result: ReconResult) -> np.ndarray:
