@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", nargs=2, type=_int_at_least(0), metavar=("CY", "CZ"),
                    help="calibration region in ky x kz lines (default: chosen from the budget)")
     p.add_argument("--oversampling", type=int, choices=(1, 2), default=1, help="readout oversampling (default 1)")
+    p.add_argument("--repetitions", type=_int_at_least(1), default=1, metavar="N",
+                   help="repetitions of the scan in one stream (a multi-volume scan: the same object "
+                   "with fresh noise per repetition; default 1)")
     p.add_argument("-o", "--output", required=True, metavar="RAW.h5", help="raw file to write (replaced)")
     p.add_argument("--truth", metavar="TRUTH.npz", help="ground truth to write")
     p.add_argument("--png", metavar="PREVIEW.png", help="figure: truth maps and one zero-filled contrast")
@@ -209,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_options(p)
     p.set_defaults(func=runner.cmd_serve)
 
+    p = sub.add_parser("workers", parents=[_common(verbose_only=True)],
+                       help="list the Gadgetron workers that answer (GADGETRON_REMOTE_WORKER_COMMAND)",
+                       description="Print, as the JSON list a distributed chain's main server reads from "
+                       "GADGETRON_REMOTE_WORKER_COMMAND, the given Gadgetron servers that answer now; the "
+                       "others are left out (a listed worker that is down makes Gadgetron 4.7 drop the scan). "
+                       "See docs/distributed.md.")
+    p.add_argument("addresses", nargs="+", metavar="HOST:PORT", help="candidate worker servers")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each (default 2)")
+    p.set_defaults(func=runner.cmd_workers)
+
     p = sub.add_parser("demo", parents=[_common()], help="simulate, reconstruct through the gadget, compare",
                        description="The whole path on the default phantom: simulate a scan, reconstruct it "
                        "through the gadget's code, write maps and a figure, print the errors.")
@@ -240,7 +253,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_usage(sys.stderr)
-            print(f"{PROG}: error: a command is required: simulate, recon, replay, serve or demo "
+            print(f"{PROG}: error: a command is required: simulate, recon, replay, serve, workers or demo "
                   f"(see '{PROG} --help')", file=sys.stderr)
             return 2
         prog = f"{PROG} {args.command}"

@@ -31,6 +31,9 @@ MAX_COILS = 128                    # receiver channels
 MAX_FRAMES = 5000                  # frames (contrasts / TRs)
 MAX_LINES = 20_000_000             # imaging lines (userParameter lorein.n_lines, and as received)
 MAX_NOISE_SAMPLES = 10_000_000     # noise samples per coil, all noise acquisitions together
+MAX_VOLUMES = 4096                 # volumes of one stream: (repetitions) x (slices) in the encoding limits
+MAX_OPEN_VOLUMES = 4               # volumes buffered at once (interleaved repetitions / slabs); all of
+                                   # them together stay under the memory ceiling (max_memory_gb)
 
 # --- the protocol (sequence YAML) ---------------------------------------------------------------
 MAX_PROTOCOL_YAML_BYTES = 256 * 1024   # inline protocol YAML in the header

@@ -220,9 +220,10 @@ def derived_figure_of_images(images, path, maps: dict | None = None, truth: dict
                              title: str = "") -> bool:
     """:func:`derived_figure` of the synthetic images and confidence maps among ISMRMRD ``images``
     (with ``truth``: the same synthetic contrasts from the true maps, from each image's
-    LOREIN_Timing); False, and no figure, when there are none."""
+    LOREIN_Timing); False, and no figure, when there are none. A multi-volume stream: the first volume."""
     from .io import map_images
     from .recon import synthetic
+    images = next(iter(map_images.split_volumes(images).values()), [])
     synth = map_images.images_to_maps(images, "synthetic")
     conf = map_images.images_to_maps(images, "confidence")
     if not synth and not conf:

@@ -75,8 +75,13 @@ def run_recon(raw, out, settings: dict, group: str | None, say=None):
     t0 = time.perf_counter()
     images = gadget.recon_file(str(raw), str(out), settings, group=group)
     seconds = time.perf_counter() - t0
-    maps = map_images.images_to_maps([im for im in images if int(im.image_series_index) < 100])
-    say(f"reconstructed {', '.join(k for k in MAP_NAMES if k in maps)} in {seconds:.1f} s -> {out}")
+    volumes = map_images.split_volumes(images)      # a multi-volume scan: the first volume's maps
+    first = next(iter(volumes.values()), [])
+    maps = map_images.images_to_maps([im for im in first
+                                      if int(im.image_series_index) % map_images.VOLUME_SERIES_STRIDE < 100])
+    say(f"reconstructed {', '.join(k for k in MAP_NAMES if k in maps)} in {seconds:.1f} s -> {out}"
+        + (f" ({len(volumes)} volumes; the figure and the truth comparison take the first)"
+           if len(volumes) > 1 else ""))
     return maps, images, seconds
 
 
@@ -89,10 +94,11 @@ def cmd_simulate(args) -> int:
     truth = check_output(args.truth, "truth file") if args.truth else None
     png = check_output(args.png, "figure") if args.png else None
     proto, plan = simulation_plan(args)
+    reps = getattr(args, "repetitions", 1)
     _, n = simulate_to_files(proto, plan, raw, truth, png, oversampling=args.oversampling,
-                             say=lambda t: tell(args, t))
+                             say=lambda t: tell(args, t), repetitions=reps)
     print(f"{raw}: {proto.name}, {n} acquisitions, matrix {'x'.join(map(str, plan['matrix']))}, "
-          f"{plan['n_coils']} coils, R = {plan['accel']:g}")
+          f"{plan['n_coils']} coils, R = {plan['accel']:g}" + (f", {reps} repetitions" if reps > 1 else ""))
     return 0
 
 
@@ -167,6 +173,15 @@ def cmd_serve(args) -> int:
         if getattr(err, "errno", None) in (98, 99, 13):   # in use, cannot assign, permission
             raise UsageError(f"cannot listen on port {args.port}: {err.strerror or err}") from None
         raise
+    return 0
+
+
+def cmd_workers(args) -> int:
+    from .node import workers
+    try:
+        print(workers.worker_list_json(args.addresses, args.timeout))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     return 0
 
 

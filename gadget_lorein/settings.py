@@ -204,6 +204,11 @@ SETTINGS: tuple[Setting, ...] = (
     _s("max_memory_gb", float, 0.0, "memory ceiling of one reconstruction in GB (gadget_lorein/"
        "limits.py lists every other limit)", scope="node", low=0.0,
        special=(0, "80 % of the memory available")),
+    _s("threads", int, 0, "CPU threads of one reconstruction (with several reconstructions at once: "
+       "cores / reconstructions)", scope="node", low=1, special=(0, "torch's default, all cores")),
+    _s("device_slots", int, 0, "fits that run at once on one device, across processes on the "
+       "machine; the others wait in a queue (a file lock per slot)", scope="node", low=1,
+       special=(0, "1 per GPU, no queue on the CPU")),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 RECON_NAMES = tuple(s.name for s in SETTINGS if s.scope == "recon")

@@ -349,14 +349,14 @@ def chain_copy(source, target: Path, properties: dict | None = None, port: int |
     """A copy of a chain file with some <property> values changed (or added) and/or the
     <connect port> replaced; everything else is kept as it is."""
     tree = ET.parse(source)
-    cfg = tree.getroot().find("stream/external/configuration")
+    cfg = tree.getroot().find(".//external/configuration")
     for name, value in (properties or {}).items():
         prop = next((p for p in cfg.findall("property") if p.get("name") == name), None)
         if prop is None:
             prop = ET.SubElement(cfg, "property", name=name)
         prop.set("value", str(value))
     if port is not None:
-        tree.getroot().find("stream/external/connect").set("port", str(port))
+        tree.getroot().find(".//external/connect").set("port", str(port))
     tree.write(target, encoding="UTF-8", xml_declaration=True)
     return Path(target)
 

@@ -224,3 +224,12 @@ def test_confidence_table(capsys):
     assert [r.split("|")[3].strip() for r in rows] == ["T1", "T2"], out
     for row in rows:
         assert re.search(r"\| -?\d\.\d\d \(-?\d\.\d\d\) \| [+-]\d\.\d\d \| \d+\.\d\d \|", row), row
+
+
+@pytest.mark.gadgetron
+def test_throughput_tables(capsys):
+    """benchmarks/throughput.py end to end on its smallest case (real servers; about 30 s)."""
+    load("throughput").main(["--small", "--volumes", "2", "--scans", "2", "--iterations", "2"])
+    out = capsys.readouterr().out
+    assert re.search(r"\| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| 1, 1 \|", out), out
+    assert re.search(r"\| device_slots=1 \| [\d.]+ \| [\d.]+ \| [01] \|", out), out

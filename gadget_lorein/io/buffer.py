@@ -18,6 +18,8 @@ from .readout import (CALIB_AND_IMAGING_BIT, CALIB_BITS, IGNORE_MASK, NOISE_BIT,
 # the acquisition buffer
 # --------------------------------------------------------------------------------------------
 
+VOLUME_AXES = ("repetition", "slice")    # the indices that tell the volumes of a stream apart
+
 def _limit(limits, name):
     return None if limits is None else getattr(limits, name, None)
 
@@ -29,9 +31,12 @@ class AcquisitionBuffer:
     in arrays that grow geometrically; noise acquisitions are kept as their samples.
     """
 
-    def __init__(self, header, header_xml: str | None = None, max_bytes: int | None = None):
+    def __init__(self, header, header_xml: str | None = None, max_bytes: int | None = None,
+                 volumes: bool = False):
         """``max_bytes``: ceiling of the lines buffer (default: limits.memory_budget()); the
-        header's sizes are checked against gadget_lorein/limits.py before anything is allocated."""
+        header's sizes are checked against gadget_lorein/limits.py before anything is allocated.
+        ``volumes``: accept ``repetition`` / ``slice`` encoding limits above 0 (the buffer then holds
+        the one volume its caller routes to it: io.volumes.VolumeRouter); otherwise refused."""
         if isinstance(header, (str, bytes)):
             header_xml = header.decode("utf-8") if isinstance(header, bytes) else header
         self.header = h = parse_header(header)
@@ -70,9 +75,15 @@ class AcquisitionBuffer:
             lm = _limit(lim, name)
             self._other_max[name] = int(lm.maximum) if lm is not None else 0
         for name, mx in self._other_max.items():
-            if mx != 0:
-                raise MRDError(f"encoding limits allow {name} up to {mx}: only one {name} "
-                               "(3D, single slab) is supported")
+            if mx != 0 and not (volumes and name in VOLUME_AXES):
+                raise MRDError(f"encoding limits allow {name} up to {mx}: only one {name} is "
+                               "supported" + (" here (a multi-volume stream goes through "
+                                              "io.volumes.VolumeRouter)" if name in VOLUME_AXES else ""))
+        self.n_repetitions = self._other_max["repetition"] + 1
+        self.n_slices = self._other_max["slice"] + 1
+        self.n_volumes = self.n_repetitions * self.n_slices
+        limits.check("volumes (repetitions x slices in the encoding limits)", self.n_volumes,
+                     limits.MAX_VOLUMES)
 
         ups = user_parameters(h)
         self.user_parameters = ups
@@ -277,6 +288,11 @@ class AcquisitionBuffer:
 
     def __len__(self) -> int:
         return self._n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the lines buffer (what max_bytes bounds)."""
+        return self._cap * (self.n_coils or 0) * self.nx * 8 if self._data is not None else 0
 
     def geometry(self) -> Geometry:
         h = self._last

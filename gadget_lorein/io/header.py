@@ -145,7 +145,8 @@ def build_header(*, matrix, fov_mm, n_coils: int, n_frames: int, protocol_name: 
                  protocol_yaml: str | None = None, sequence_parameters: dict | None = None,
                  oversampling: int = 1, measurement_uid: int = 1, field_strength_T: float = 3.0,
                  n_calibration_lines: int | None = None, acceleration: float | None = None,
-                 n_lines: int | None = None, extra_user_parameters: dict | None = None) -> str:
+                 n_lines: int | None = None, extra_user_parameters: dict | None = None,
+                 n_repetitions: int = 1) -> str:
     """The ISMRMRD XML header (``ismrmrd.xsd`` serialised, UTF-8) of a raw scan.
 
     ``matrix`` (nx, ny, nz) and ``fov_mm`` (x, y, z) are the recon space; the encoded space has
@@ -153,13 +154,14 @@ def build_header(*, matrix, fov_mm, n_coils: int, n_frames: int, protocol_name: 
     holds TR, TE, TI, flipAngle_deg, echo_spacing (ms / degrees, scalars or lists) and
     sequence_type (see ``gadget_lorein.physics.sequences.sequence_parameters``).
     ``extra_user_parameters`` {name: value} adds userParameterLong (int), userParameterDouble
-    (float) or userParameterString (str) entries.
+    (float) or userParameterString (str) entries. ``n_repetitions`` > 1: a multi-volume scan (the
+    repetition encoding limit 0..n_repetitions-1; ``n_lines`` then counts one repetition's lines).
     """
     nx, ny, nz = (int(v) for v in matrix)
     fx, fy, fz = (float(v) for v in fov_mm)
     os_ = int(oversampling)
-    if min(nx, ny, nz) < 1 or os_ < 1 or n_frames < 1 or n_coils < 1:
-        raise ValueError("matrix, oversampling, n_frames and n_coils must be positive")
+    if min(nx, ny, nz) < 1 or os_ < 1 or n_frames < 1 or n_coils < 1 or n_repetitions < 1:
+        raise ValueError("matrix, oversampling, n_frames, n_coils and n_repetitions must be positive")
 
     def space(mx, fovx):
         return xsd.encodingSpaceType(matrixSize=xsd.matrixSizeType(x=mx, y=ny, z=nz),
@@ -173,7 +175,7 @@ def build_header(*, matrix, fov_mm, n_coils: int, n_frames: int, protocol_name: 
         slice=xsd.limitType(minimum=0, maximum=0, center=0),
         contrast=xsd.limitType(minimum=0, maximum=int(n_frames) - 1, center=0),
         phase=xsd.limitType(minimum=0, maximum=0, center=0),
-        repetition=xsd.limitType(minimum=0, maximum=0, center=0),
+        repetition=xsd.limitType(minimum=0, maximum=int(n_repetitions) - 1, center=0),
         set=xsd.limitType(minimum=0, maximum=0, center=0),
         segment=xsd.limitType(minimum=0, maximum=0, center=0),
     )

@@ -4,6 +4,7 @@ them as ``gadgetron_ismrmrd_client`` does (``/<group>/image_<series index>``).""
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import h5py
 import ismrmrd
@@ -35,6 +36,37 @@ META_IMAGE_NUMBER = "GADGETRON_ImageNumber"
 META_MAP = "LOREIN_Map"
 META_UNIT = "LOREIN_Unit"
 META_METHOD = "LOREIN_Method"
+
+
+VOLUME_SERIES_STRIDE = 1000   # volume v of a multi-volume stream: series 1000 x v + the image's own
+
+
+class VolumeIndex(NamedTuple):
+    """Which volume of a stream images belong to: its ``repetition`` and ``slice`` (slab) indices
+    and its number in (repetition, slice) order, which offsets the series."""
+    repetition: int = 0
+    slice: int = 0
+    number: int = 0
+
+
+def place_volume(images: list, volume: VolumeIndex, nz: int, as_2d: bool) -> list:
+    """Stamp a volume of a multi-volume stream into its images (maps, derived, coefficients):
+    ``repetition``; ``slice`` the slab (3D images) or slab x nz + partition (2D images, whose
+    ``slice`` is the partition); series + 1000 x the volume's number. Returns ``images``."""
+    for img in images:
+        img.repetition = int(volume.repetition)
+        img.slice = int(volume.slice) * nz + int(img.slice) if as_2d else int(volume.slice)
+        img.image_series_index = int(img.image_series_index) + VOLUME_SERIES_STRIDE * int(volume.number)
+    return images
+
+
+def split_volumes(images) -> dict:
+    """{volume number: that volume's images} in number order (series // 1000; a single-volume
+    stream is volume 0). Feed each list to :func:`images_to_maps`."""
+    groups: dict = {}
+    for img in images:
+        groups.setdefault(int(img.image_series_index) // VOLUME_SERIES_STRIDE, []).append(img)
+    return dict(sorted(groups.items()))
 
 
 def _window(vol: np.ndarray) -> tuple[float, float]:

@@ -54,30 +54,11 @@ def _vlen_column(rows: np.ndarray) -> np.ndarray:
     return col
 
 
-def write_raw(path, kspace, mask, calib_region_mask, noise, protocol_name: str,
-              protocol_yaml: str | None, fov_mm, sequence_parameters: dict | None,
-              oversampling: int = 1, *, group: str = "dataset", measurement_uid: int = 1,
-              field_strength_T: float = 3.0, extra_user_parameters: dict | None = None,
-              block: int = 4096) -> int:
-    """Write a raw ISMRMRD HDF5 file per the contract (docs/data-format.md).
-
-    ``kspace``: (coils, frames, nz, ny, nx) complex at the recon matrix with ``mask``
-    (frames, nz, ny) bool, or a :class:`KSpaceLines` (then ``mask`` may be None).
-    ``calib_region_mask`` (nz, ny) bool: sampled lines inside it carry
-    ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING (None: the KSpaceLines' own calib flags, else none).
-    ``noise`` (coils, n) complex: written as n // (readout samples) noise acquisitions (a
-    remainder is dropped); None writes no noise scan.
-    ``oversampling`` > 1 writes oversampling x nx readout samples: each line's image is zero-padded
-    along x (FOV x doubled for 2) and transformed back, as a scanner with readout oversampling does.
-    An existing ``group`` in the file is replaced. Returns the number of acquisitions written.
-    """
-    os_ = int(oversampling)
-    if os_ < 1:
-        raise ValueError("oversampling must be >= 1")
+def _volume(kspace, mask, calib_region_mask):
+    """One volume's sampled lines: (dims, frame, kz, ky, gather(sel) -> lines, calib flags)."""
     if isinstance(kspace, KSpaceLines):
         lines_obj = kspace
-        n_coils, nx = lines_obj.n_coils, lines_obj.nx
-        n_frames, nz, ny = lines_obj.n_frames, lines_obj.nz, lines_obj.ny
+        dims = (lines_obj.n_coils, lines_obj.n_frames, lines_obj.nz, lines_obj.ny, lines_obj.nx)
         frame = np.asarray(lines_obj.frame, dtype=np.int64)
         kz = np.asarray(lines_obj.kz, dtype=np.int64)
         ky = np.asarray(lines_obj.ky, dtype=np.int64)
@@ -91,7 +72,8 @@ def write_raw(path, kspace, mask, calib_region_mask, noise, protocol_name: str,
         kspace = np.asarray(kspace)
         if kspace.ndim != 5:
             raise ValueError(f"kspace must be (coils, frames, nz, ny, nx), got shape {kspace.shape}")
-        n_coils, n_frames, nz, ny, nx = kspace.shape
+        dims = kspace.shape
+        _, n_frames, nz, ny, _ = dims
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != (n_frames, nz, ny):
             raise ValueError(f"mask shape {mask.shape} does not match k-space (frames, nz, ny) "
@@ -102,31 +84,68 @@ def write_raw(path, kspace, mask, calib_region_mask, noise, protocol_name: str,
             return np.ascontiguousarray(
                 np.moveaxis(kspace[:, frame[sel], kz[sel], ky[sel], :], 0, 1)).astype(np.complex64)
         calib = np.zeros(len(frame), bool)
+    nz, ny = dims[2], dims[3]
     if calib_region_mask is not None:
         if np.shape(calib_region_mask) != (nz, ny):
             raise ValueError(f"calib_region_mask shape {np.shape(calib_region_mask)} is not "
                              f"(nz, ny) = {(nz, ny)}")
         calib = np.asarray(calib_region_mask, dtype=bool)[kz, ky]
-    n_lines = len(frame)
-    if n_lines == 0:
+    if len(frame) == 0:
         raise ValueError("nothing is sampled")
+    return dims, frame, kz, ky, gather, calib
 
+
+def _noise_rows(noise, n_coils: int, n_samples: int):
+    if noise is None:
+        return None
+    noise = np.asarray(noise, dtype=np.complex64)
+    if noise.ndim != 2 or noise.shape[0] != n_coils:
+        raise ValueError(f"noise must be (coils={n_coils}, samples), got {noise.shape}")
+    n_noise = noise.shape[1] // n_samples
+    if n_noise == 0:
+        raise ValueError(f"noise needs at least {n_samples} samples (one readout)")
+    return np.ascontiguousarray(
+        noise[:, :n_noise * n_samples].reshape(n_coils, n_noise, n_samples).transpose(1, 0, 2))
+
+
+def write_raw(path, kspace, mask, calib_region_mask, noise, protocol_name: str,
+              protocol_yaml: str | None, fov_mm, sequence_parameters: dict | None,
+              oversampling: int = 1, *, group: str = "dataset", measurement_uid: int = 1,
+              field_strength_T: float = 3.0, extra_user_parameters: dict | None = None,
+              block: int = 4096) -> int:
+    """Write a raw ISMRMRD HDF5 file per the contract (docs/data-format.md).
+
+    ``kspace``: (coils, frames, nz, ny, nx) complex at the recon matrix with ``mask``
+    (frames, nz, ny) bool, or a :class:`KSpaceLines` (then ``mask`` may be None); or a list of
+    KSpaceLines, one per repetition (a multi-volume scan: ``noise`` is then a list too, each
+    repetition's noise scan written before its lines with its ``repetition`` index, and the header's
+    repetition limit and ``lorein.n_lines`` are per repetition).
+    ``calib_region_mask`` (nz, ny) bool: sampled lines inside it carry
+    ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING (None: the KSpaceLines' own calib flags, else none).
+    ``noise`` (coils, n) complex: written as n // (readout samples) noise acquisitions (a
+    remainder is dropped); None writes no noise scan.
+    ``oversampling`` > 1 writes oversampling x nx readout samples: each line's image is zero-padded
+    along x (FOV x doubled for 2) and transformed back, as a scanner with readout oversampling does.
+    An existing ``group`` in the file is replaced. Returns the number of acquisitions written.
+    """
+    os_ = int(oversampling)
+    if os_ < 1:
+        raise ValueError("oversampling must be >= 1")
+    multi = isinstance(kspace, (list, tuple))
+    spaces = list(kspace) if multi else [kspace]
+    noises = list(noise) if multi and isinstance(noise, (list, tuple)) else [noise] * len(spaces)
+    if not spaces or len(noises) != len(spaces):
+        raise ValueError("give one noise scan (or None) per repetition")
+    vols = [_volume(k, mask, calib_region_mask) for k in spaces]
+    dims = vols[0][0]
+    if any(v[0] != dims for v in vols):
+        raise ValueError("the repetitions differ in coils, frames or matrix")
+    n_coils, n_frames, nz, ny, nx = dims
     n_samples = nx * os_
     dwell_us = 1e6 / (BANDWIDTH_PER_PIXEL_HZ * n_samples)
     fov_mm = _vec3(fov_mm)
-
-    # noise scan
-    noise_rows = None
-    if noise is not None:
-        noise = np.asarray(noise, dtype=np.complex64)
-        if noise.ndim != 2 or noise.shape[0] != n_coils:
-            raise ValueError(f"noise must be (coils={n_coils}, samples), got {noise.shape}")
-        n_noise = noise.shape[1] // n_samples
-        if n_noise == 0:
-            raise ValueError(f"noise needs at least {n_samples} samples (one readout)")
-        noise_rows = np.ascontiguousarray(
-            noise[:, :n_noise * n_samples].reshape(n_coils, n_noise, n_samples).transpose(1, 0, 2))
-    n_noise = 0 if noise_rows is None else noise_rows.shape[0]
+    noise_rows = [_noise_rows(n, n_coils, n_samples) for n in noises]
+    n_lines = max(len(v[1]) for v in vols)
 
     full = n_frames * nz * ny
     xml = build_header(matrix=(nx, ny, nz), fov_mm=fov_mm, n_coils=n_coils, n_frames=n_frames,
@@ -135,11 +154,10 @@ def write_raw(path, kspace, mask, calib_region_mask, noise, protocol_name: str,
                        measurement_uid=measurement_uid, field_strength_T=field_strength_T,
                        n_calibration_lines=int(np.count_nonzero(calib_region_mask))
                        if calib_region_mask is not None else None,
-                       acceleration=full / n_lines, n_lines=n_lines,
-                       extra_user_parameters=extra_user_parameters)
+                       acceleration=full / len(vols[0][1]), n_lines=n_lines,
+                       extra_user_parameters=extra_user_parameters, n_repetitions=len(vols))
 
-    n_total = n_noise + n_lines
-    empty_traj = np.zeros(0, dtype=np.float32)
+    n_total = sum(len(v[1]) for v in vols) + sum(0 if r is None else r.shape[0] for r in noise_rows)
     with h5py.File(path, "a") as f:
         if group in f:
             del f[group]
@@ -148,51 +166,69 @@ def write_raw(path, kspace, mask, calib_region_mask, noise, protocol_name: str,
         xd[0] = xml.encode("utf-8")
         dset = g.create_dataset("data", shape=(n_total,), maxshape=(None,), dtype=acquisition_dtype,
                                 chunks=(max(1, min(n_total, 1024)),))
-        stamp0 = 1000
-        if n_noise:
-            rows = np.zeros(n_noise, dtype=acquisition_dtype)
-            heads = np.zeros(n_noise, dtype=acquisition_header_dtype)
-            _fill_common_head(heads, n_coils, n_samples, dwell_us, measurement_uid)
-            heads["flags"] = NOISE_BIT
-            heads["scan_counter"] = np.arange(1, n_noise + 1)
-            heads["acquisition_time_stamp"] = stamp0 + np.arange(n_noise)
-            rows["head"] = heads
-            rows["data"] = _vlen_column(noise_rows.view(np.float32).reshape(n_noise, -1))
-            rows["traj"] = _vlen_column(np.broadcast_to(empty_traj, (n_noise, 0)))
-            dset[0:n_noise] = rows
-        for s in range(0, n_lines, block):
-            sel = slice(s, min(s + block, n_lines))
-            m = sel.stop - sel.start
-            data = pad_readout(gather(sel), n_samples)             # (m, coils, n_samples)
-            heads = np.zeros(m, dtype=acquisition_header_dtype)
-            _fill_common_head(heads, n_coils, n_samples, dwell_us, measurement_uid)
-            idx = heads["idx"]
-            idx["kspace_encode_step_1"] = ky[sel]
-            idx["kspace_encode_step_2"] = kz[sel]
-            idx["contrast"] = frame[sel]
-            li = np.arange(sel.start, sel.stop)
-            heads["scan_counter"] = n_noise + 1 + li
-            heads["acquisition_time_stamp"] = stamp0 + n_noise + 10 + li
-            flags = np.where(calib[sel], np.uint64(bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)),
-                             np.uint64(0))
-            fr = frame[sel]
-            prev_fr = np.where(li == 0, -1, frame[np.maximum(li - 1, 0)])
-            next_fr = np.where(li == n_lines - 1, -1, frame[np.minimum(li + 1, n_lines - 1)])
-            flags |= np.where(fr != prev_fr, np.uint64(bit(ismrmrd.ACQ_FIRST_IN_CONTRAST)), np.uint64(0))
-            flags |= np.where(fr != next_fr, np.uint64(bit(ismrmrd.ACQ_LAST_IN_CONTRAST)), np.uint64(0))
-            if sel.start == 0:
-                flags[0] |= np.uint64(bit(ismrmrd.ACQ_FIRST_IN_SLICE) | bit(ismrmrd.ACQ_FIRST_IN_REPETITION))
-            if sel.stop == n_lines:
-                flags[-1] |= np.uint64(bit(ismrmrd.ACQ_LAST_IN_SLICE) | bit(ismrmrd.ACQ_LAST_IN_REPETITION)
-                                       | bit(ismrmrd.ACQ_LAST_IN_MEASUREMENT))
-            heads["flags"] = flags
-            rows = np.zeros(m, dtype=acquisition_dtype)
-            rows["head"] = heads
-            rows["data"] = _vlen_column(data.view(np.float32).reshape(m, -1))
-            rows["traj"] = _vlen_column(np.broadcast_to(empty_traj, (m, 0)))
-            dset[n_noise + sel.start:n_noise + sel.stop] = rows
+        at = 0
+        for rep, (vol, rows) in enumerate(zip(vols, noise_rows)):
+            at = _write_volume(dset, at, vol, rows, rep, rep == len(vols) - 1, n_samples, dwell_us,
+                               measurement_uid, block)
     return n_total
 
+
+def _write_volume(dset, at: int, vol, noise_rows, rep: int, last: bool, n_samples: int,
+                  dwell_us: float, measurement_uid: int, block: int) -> int:
+    """One repetition's noise scan and lines, from row ``at``; returns the next row."""
+    (n_coils, *_), frame, kz, ky, gather, calib = vol
+    n_lines = len(frame)
+    empty_traj = np.zeros(0, dtype=np.float32)
+    stamp0 = 1000 + at
+    n_noise = 0 if noise_rows is None else noise_rows.shape[0]
+    if n_noise:
+        rows = np.zeros(n_noise, dtype=acquisition_dtype)
+        heads = np.zeros(n_noise, dtype=acquisition_header_dtype)
+        _fill_common_head(heads, n_coils, n_samples, dwell_us, measurement_uid)
+        heads["flags"] = NOISE_BIT
+        heads["scan_counter"] = at + np.arange(1, n_noise + 1)
+        heads["acquisition_time_stamp"] = stamp0 + np.arange(n_noise)
+        heads["idx"]["repetition"] = rep
+        rows["head"] = heads
+        rows["data"] = _vlen_column(noise_rows.view(np.float32).reshape(n_noise, -1))
+        rows["traj"] = _vlen_column(np.broadcast_to(empty_traj, (n_noise, 0)))
+        dset[at:at + n_noise] = rows
+    for s in range(0, n_lines, block):
+        sel = slice(s, min(s + block, n_lines))
+        m = sel.stop - sel.start
+        data = pad_readout(gather(sel), n_samples)             # (m, coils, n_samples)
+        heads = np.zeros(m, dtype=acquisition_header_dtype)
+        _fill_common_head(heads, n_coils, n_samples, dwell_us, measurement_uid)
+        idx = heads["idx"]
+        idx["kspace_encode_step_1"] = ky[sel]
+        idx["kspace_encode_step_2"] = kz[sel]
+        idx["contrast"] = frame[sel]
+        idx["repetition"] = rep
+        li = np.arange(sel.start, sel.stop)
+        heads["scan_counter"] = at + n_noise + 1 + li
+        heads["acquisition_time_stamp"] = stamp0 + n_noise + 10 + li
+        flags = np.where(calib[sel], np.uint64(bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)),
+                         np.uint64(0))
+        fr = frame[sel]
+        prev_fr = np.where(li == 0, -1, frame[np.maximum(li - 1, 0)])
+        next_fr = np.where(li == n_lines - 1, -1, frame[np.minimum(li + 1, n_lines - 1)])
+        flags |= np.where(fr != prev_fr, np.uint64(bit(ismrmrd.ACQ_FIRST_IN_CONTRAST)), np.uint64(0))
+        flags |= np.where(fr != next_fr, np.uint64(bit(ismrmrd.ACQ_LAST_IN_CONTRAST)), np.uint64(0))
+        if sel.start == 0:
+            flags[0] |= np.uint64(bit(ismrmrd.ACQ_FIRST_IN_SLICE) | bit(ismrmrd.ACQ_FIRST_IN_REPETITION))
+        if sel.stop == n_lines:
+            flags[-1] |= np.uint64(bit(ismrmrd.ACQ_LAST_IN_SLICE) | bit(ismrmrd.ACQ_LAST_IN_REPETITION)
+                                   | (bit(ismrmrd.ACQ_LAST_IN_MEASUREMENT) if last else 0))
+        heads["flags"] = flags
+        rows = np.zeros(m, dtype=acquisition_dtype)
+        rows["head"] = heads
+        rows["data"] = _vlen_column(data.view(np.float32).reshape(m, -1))
+        rows["traj"] = _vlen_column(np.broadcast_to(empty_traj, (m, 0)))
+        dset[at + n_noise + sel.start:at + n_noise + sel.stop] = rows
+    return at + n_noise + n_lines
+
+
+# --------------------------------------------------------------------------------------------
 # reading
 # --------------------------------------------------------------------------------------------
 

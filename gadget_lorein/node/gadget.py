@@ -25,7 +25,17 @@ What happens to the stream
       docs/data-format.md), then the synthetic weighted images (series 11-16, recon/synthetic.py)
       and the confidence maps (series 21-25, recon/confidence.py) that the settings ask for.
       Acquisitions after it start a new measurement;
-    - a stream that ends (CLOSE) before ACQ_LAST_IN_MEASUREMENT is an error: no maps are sent.
+    - a stream of several volumes (``repetition`` / ``slice`` encoding limits above 0) is buffered
+      per volume (``volumes.VolumeRouter``): each volume is reconstructed as soon as its last line
+      arrives (ACQ_LAST_IN_SLICE / ACQ_LAST_IN_REPETITION, or the end of the stream as fallback),
+      its images carry its ``repetition`` / ``slice`` and series 1000 x volume + 1, 2, ...;
+    - a stream that ends (CLOSE) before ACQ_LAST_IN_MEASUREMENT is an error: no maps are sent
+      (multi-volume streams: only volumes with fewer lines than the header's lorein.n_lines).
+
+Concurrency
+    The setting ``threads`` bounds the CPU threads of one reconstruction (torch); ``device_slots``
+    bounds the fits that run at once on one device, across processes (a file lock per slot,
+    gadget_lorein/concurrency.py); a fit that has to wait logs that it waits.
 
 Errors
     Every failure (bad header or data, unknown protocol, bad setting, calibration, a bug) is logged
@@ -57,10 +67,10 @@ from typing import Callable, Iterable
 import ismrmrd
 import numpy as np
 
-from .. import __version__, limits
+from .. import __version__, concurrency, limits
 from .. import settings as settings_mod
 from .. import settings_io
-from ..io import buffer, header, map_images, rawfile
+from ..io import header, map_images, rawfile, volumes
 from ..physics import protocol as protocol_mod
 from ..recon import confidence, synthetic
 from ..recon import pipeline as recon
@@ -95,7 +105,7 @@ def _fmt_timings(timings: dict) -> str:
     return ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
 
 
-def _check_protocol(buf: buffer.AcquisitionBuffer, rs: settings_mod.ReconSettings) -> protocol_mod.Protocol:
+def _check_protocol(buf, rs: settings_mod.ReconSettings) -> protocol_mod.Protocol:
     """The protocol the reconstruction will use, resolved once, before any data is read."""
     if not rs.protocol and not buf.protocol_yaml and not buf.protocol_name:
         raise recon.ReconError(
@@ -123,17 +133,19 @@ def _progress_logger(method: str):
     return progress
 
 
-def _reconstruct_scan(buf: buffer.AcquisitionBuffer, rs: settings_mod.ReconSettings,
-                      gs: settings_mod.NodeSettings, proto: protocol_mod.Protocol, device,
-                      send: Callable, clock: _Clock, counts: dict,
-                      check_peer: Callable | None = None) -> None:
+def _reconstruct_scan(router: volumes.VolumeRouter, volume: volumes.Volume,
+                      rs: settings_mod.ReconSettings, gs: settings_mod.NodeSettings,
+                      proto: protocol_mod.Protocol, device, send: Callable, clock: _Clock,
+                      counts: dict, check_peer: Callable | None = None) -> None:
     t = time.perf_counter()
-    raw = buf.finish()
+    raw = router.finish(volume)
     scan = raw.to_scan()
     clock.add("finish_buffer", time.perf_counter() - t)
     lines = scan.lines
     noise = 0 if raw.noise is None else raw.noise.shape[1]
-    log.info("scan: protocol %s, %d frames, matrix %s (x, y, z), %d coils, %d lines (R = %.1f, "
+    rep, slc = volume.key
+    where = f"repetition {rep}, slice {slc}: " if router.multi else ""
+    log.info(where + "scan: protocol %s, %d frames, matrix %s (x, y, z), %d coils, %d lines (R = %.1f, "
              "%d calibration), %d noise samples, %d ignored, %d repeated; method %s on %s",
              raw.protocol_name or "(from YAML)", lines.n_frames, "x".join(map(str, raw.geometry.matrix)),
              lines.n_coils, len(lines.frame), lines.acceleration(), int(np.count_nonzero(lines.calib)),
@@ -144,7 +156,8 @@ def _reconstruct_scan(buf: buffer.AcquisitionBuffer, rs: settings_mod.ReconSetti
         def progress(it, total, loss, _log=progress):
             check_peer()
             _log(it, total, loss)
-    result = recon.reconstruct(scan, rs, progress=progress, protocol=proto, device=device)
+    with concurrency.device_slot(device, gs.device_slots, what=where, check=check_peer):
+        result = recon.reconstruct(scan, rs, progress=progress, protocol=proto, device=device)
     if check_peer is not None:
         check_peer()
     total = time.perf_counter() - t
@@ -162,14 +175,17 @@ def _reconstruct_scan(buf: buffer.AcquisitionBuffer, rs: settings_mod.ReconSetti
     clock.add("images", time.perf_counter() - t)
     images += derived_images(result, proto, raw.geometry, gs, METHOD_LABELS.get(rs.method, rs.method),
                              extra, clock)
+    if router.multi:
+        map_images.place_volume(images, map_images.VolumeIndex(rep, slc, router.volume_index(volume.key)),
+                                raw.geometry.shape[0], gs.images_2d)
     t = time.perf_counter()
     for img in images:
         send(img)
     clock.add("send", time.perf_counter() - t)
     counts["images"] += len(images)
-    counts["measurements"] += 1
+    counts["volumes"] += 1
     iters = info.get("iterations") or rs.iterations or "default"
-    log.info("lorein: done: method %s, protocol %s, rank %s, iterations %s, reconstruction %.1f s; "
+    log.info(where + "lorein: done: method %s, protocol %s, rank %s, iterations %s, reconstruction %.1f s; "
              "sent %d images (%s)", rs.method, info.get("protocol"), info.get("rank"), iters, total,
              len(images), ", ".join(sorted(result.maps.as_dict())))
 
@@ -204,12 +220,15 @@ def derived_images(result, proto, geometry, gs: settings_mod.NodeSettings, metho
     return images
 
 
-def _check_resources(buf: buffer.AcquisitionBuffer, proto, rs, gs, device) -> None:
+def _check_resources(router: volumes.VolumeRouter, proto, rs, gs, device) -> None:
     """The protocol's sizes and the memory estimate against gadget_lorein/limits.py, before any
-    data is read (the header's sizes were checked by the buffer)."""
+    data is read (the header's sizes were checked by the buffer). A multi-volume stream may hold
+    up to MAX_OPEN_VOLUMES volumes' lines at once."""
+    buf = router.info
     atoms = limits.check_protocol(proto)
+    n_open = min(buf.n_volumes, limits.MAX_OPEN_VOLUMES)
     est = limits.estimate_bytes(buf.nx, buf.ny, buf.nz, buf.n_frames, buf.n_coils or 1,
-                                buf.n_lines_hint or 0, atoms, rs.rank, rs.virtual_coils)
+                                (buf.n_lines_hint or 0) * n_open, atoms, rs.rank, rs.virtual_coils)
     limits.check_memory(est, gs.max_memory_gb, device)
 
 
@@ -236,43 +255,54 @@ def process(header_xml, items: Iterable, settings: dict | None, send: Callable,
         header_xml = bytes(header_xml).decode("utf-8")
     t = time.perf_counter()
     budget = limits.memory_budget(gs.max_memory_gb)
-    buf = buffer.AcquisitionBuffer(header_xml, max_bytes=budget)
+    router = volumes.VolumeRouter(header_xml, budget)
+    buf = router.info
     proto = _check_protocol(buf, rs)
     device = recon.resolve_device(rs.device)
-    _check_resources(buf, proto, rs, gs, device)
+    _check_resources(router, proto, rs, gs, device)
+    concurrency.set_threads(gs.threads)
     clock.add("header", time.perf_counter() - t)
-    log.info("header: protocol %s (%s, %d frames), matrix %dx%dx%d, %s coils", proto.name, proto.kind,
-             proto.n_frames, buf.nx, buf.ny, buf.nz, buf.n_coils if buf.n_coils is not None else "?")
-    counts = {"acquisitions": 0, "noise": 0, "passed": 0, "images": 0, "measurements": 0}
+    log.info("header: protocol %s (%s, %d frames), matrix %dx%dx%d, %s coils%s", proto.name, proto.kind,
+             proto.n_frames, buf.nx, buf.ny, buf.nz, buf.n_coils if buf.n_coils is not None else "?",
+             f", {router.n_repetitions} repetition(s) x {router.n_slices} slice(s)" if router.multi else "")
+    counts = {"acquisitions": 0, "noise": 0, "passed": 0, "images": 0, "volumes": 0}
     t_read = time.perf_counter()
+
+    def reconstruct_volumes(ready):
+        nonlocal t_read
+        clock.add("receive", time.perf_counter() - t_read)
+        for volume in ready:
+            _reconstruct_scan(router, volume, rs, gs, proto, device, send, clock, counts, check_peer)
+        t_read = time.perf_counter()
+
     for item in items:
         if not isinstance(item, ismrmrd.Acquisition):
             send(item)
             counts["passed"] += 1
             continue
-        if buf is None:
-            buf = buffer.AcquisitionBuffer(header_xml, max_bytes=budget)
-        kind = buf.add(item)
+        kind, ready = router.add(item)
         counts["acquisitions"] += 1
         if kind == "noise":
             counts["noise"] += 1
         elif kind == "ignored":
             send(item)
             counts["passed"] += 1
-        if item.is_flag_set(ismrmrd.ACQ_LAST_IN_MEASUREMENT):
-            clock.add("receive", time.perf_counter() - t_read)
-            _reconstruct_scan(buf, rs, gs, proto, device, send, clock, counts, check_peer)
-            buf = None
-            t_read = time.perf_counter()
-    clock.add("receive", time.perf_counter() - t_read)
-    pending = 0 if buf is None else len(buf)
-    if pending or counts["measurements"] == 0:
+        if ready:
+            reconstruct_volumes(ready)
+    pending = router.pending()
+    if not pending and counts["volumes"] == 0:
         raise header.MRDError(
             f"the stream ended before ACQ_LAST_IN_MEASUREMENT: {counts['acquisitions']} acquisitions "
-            f"received ({pending} imaging lines not reconstructed); no maps")
-    log.info("lorein: %d acquisitions (%d noise, %d passed on), %d measurement(s), %d images; timings: "
+            f"received (0 imaging lines); no maps")
+    try:
+        ready = router.end_of_stream()
+    except header.MRDError as err:
+        raise header.MRDError(f"{err} ({counts['acquisitions']} acquisitions received, "
+                              f"{counts['volumes']} volume(s) reconstructed)") from None
+    reconstruct_volumes(ready)
+    log.info("lorein: %d acquisitions (%d noise, %d passed on), %d volume(s), %d images; timings: "
              "%s; total %.2f s", counts["acquisitions"], counts["noise"], counts["passed"],
-             counts["measurements"], counts["images"], _fmt_timings(clock.timings),
+             counts["volumes"], counts["images"], _fmt_timings(clock.timings),
              time.perf_counter() - t_start)
 
 

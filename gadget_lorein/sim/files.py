@@ -131,10 +131,17 @@ def load_truth(path) -> dict:
     return out
 
 
+def repetition_noise_seed(seed: int, repetition: int) -> int:
+    """The receiver noise's seed of a repetition (repetition 0: the scan's own seed)."""
+    return int(seed) + 7919 * int(repetition)
+
+
 def simulate_to_files(proto, plan: dict, raw_path, truth_path=None, png_path=None, oversampling=1,
-                      say=None):
+                      say=None, repetitions: int = 1):
     """Simulate, write the raw file (replacing it), the truth .npz and the preview figure.
-    Returns (simulation, number of acquisitions written)."""
+    ``repetitions`` > 1: a multi-volume scan, the same object, coils and sampling with fresh noise
+    per repetition (:func:`repetition_noise_seed`), each with its own noise scan; the truth is the
+    object's. Returns (simulation of repetition 0, number of acquisitions written)."""
     from . import sampling, simulate
     from ..physics import sequences
     from ..io import rawfile
@@ -144,17 +151,26 @@ def simulate_to_files(proto, plan: dict, raw_path, truth_path=None, png_path=Non
         f"R = {plan['accel']:g}, calibration {plan['calib'][0]}x{plan['calib'][1]} ({plan['calib_mode']}, "
         f"pattern {plan.get('pattern') or 'per_frame'}), {noise_text(plan)}, seed {plan['seed']}")
     t0 = time.perf_counter()
-    sim = simulate.simulate(proto, **plan)
+    if repetitions < 1:
+        raise UsageError(f"--repetitions {repetitions}: at least 1")
+    sims = [simulate.simulate(proto, **plan, noise_seed=repetition_noise_seed(plan["seed"], r))
+            for r in range(repetitions)]
+    sim = sims[0]
     scan = sim.scan
-    say(f"simulated {len(scan.lines.frame)} k-space lines in {time.perf_counter() - t0:.1f} s")
+    say(f"simulated {len(scan.lines.frame)} k-space lines"
+        + (f" x {repetitions} repetitions" if repetitions > 1 else "") + f" in {time.perf_counter() - t0:.1f} s")
     raw_path = Path(raw_path)
     if raw_path.exists():
         raw_path.unlink()
     t0 = time.perf_counter()
     calib_region = sampling.calib_region(ny, nz, plan["calib"])
-    n = rawfile.write_raw(raw_path, scan.lines, None, calib_region, scan.noise, proto.name, proto.yaml_text,
+    if repetitions > 1:
+        lines, noise = [x.scan.lines for x in sims], [x.scan.noise for x in sims]
+    else:
+        lines, noise = scan.lines, scan.noise
+    n = rawfile.write_raw(raw_path, lines, None, calib_region, noise, proto.name, proto.yaml_text,
                       scan.fov_mm, sequences.sequence_parameters(proto), oversampling=oversampling)
-    say(f"wrote {raw_path}: {n} acquisitions ({n - len(scan.lines.frame)} noise) in "
+    say(f"wrote {raw_path}: {n} acquisitions ({n - repetitions * len(scan.lines.frame)} noise) in "
         f"{time.perf_counter() - t0:.1f} s")
     if truth_path:
         save_npz(truth_path, truth_arrays(sim, proto))

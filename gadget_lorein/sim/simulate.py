@@ -119,19 +119,21 @@ def _add_noise(data: np.ndarray, sigma: float, cov: np.ndarray, seed: int, n_noi
 
 def simulate(proto: Protocol, matrix=(64, 64, 48), n_coils=8, accel=16.0, noise=0.01, seed=0,
              calib=None, calib_mode=None, n_noise=512, frame_chunk=8, b1_mismatch=False,
-             mode="ideal", snr=30.0, pattern=None) -> Simulation:
+             mode="ideal", snr=30.0, pattern=None, noise_seed=None) -> Simulation:
     """Mode 'ideal' (the module docstring) with ``noise`` x the largest image magnitude, or
     'realistic' (``simulate_realistic``, which takes ``snr`` and ``pattern``; ``noise`` and
     ``b1_mismatch`` are the ideal mode's knobs).
 
     ``b1_mismatch``: put the phantom's transmit field (0.8-1.2) into the signal even where the
     protocol does not encode B1 (qalas), whose reconstruction takes B1 = 1: a model mismatch, for
-    measuring how the methods cope with one (benchmarks/accuracy.py --b1-mismatch)."""
+    measuring how the methods cope with one (benchmarks/accuracy.py --b1-mismatch).
+    ``noise_seed`` (default ``seed``): the receiver noise's own seed, e.g. a repetition of the same
+    scan (same object, coils and sampling) with fresh noise."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "realistic":
         return simulate_realistic(proto, matrix, n_coils, accel, snr, seed, calib, calib_mode,
-                                  pattern, n_noise)
+                                  pattern, n_noise, noise_seed)
     nx, ny, nz = (int(v) for v in matrix)
     phantom = ph.head_phantom((nx, ny, nz), seed=seed)
     coils = coil_sensitivities((nz, ny, nx), n_coils, seed=seed).astype(np.complex64)
@@ -166,7 +168,7 @@ def simulate(proto: Protocol, matrix=(64, 64, 48), n_coils=8, accel=16.0, noise=
     z = np.concatenate([a[1] for a in chunks])
     y = np.concatenate([a[2] for a in chunks])
     data = np.concatenate([a[3] for a in chunks])
-    data, noise_scan = _add_noise(data, sigma, cov, seed, n_noise)
+    data, noise_scan = _add_noise(data, sigma, cov, seed if noise_seed is None else noise_seed, n_noise)
     lines = KSpaceLines(data, f, z, y, calib_region[z, y], n_frames, nz, ny)
     scan = Scan(lines, noise_scan, proto.yaml_text, proto.name, tuple(phantom.fov_mm))
     return Simulation(scan, phantom, coils, sigma, cov)
@@ -316,8 +318,8 @@ def snr_sigma(coil_images_wm_mean: np.ndarray, snr: float) -> float:
 
 
 def simulate_realistic(proto: Protocol, matrix=(64, 64, 48), n_coils=8, accel=16.0, snr=30.0,
-                       seed=0, calib=None, calib_mode=None, pattern=None, n_noise=512
-                       ) -> Simulation:
+                       seed=0, calib=None, calib_mode=None, pattern=None, n_noise=512,
+                       noise_seed=None) -> Simulation:
     """Mode 'realistic' (module docstring). ``snr``: white matter's per-voxel SNR in the brightest
     frame of the fully sampled, optimally coil-combined image (``snr_sigma``; None or inf: no
     noise). ``pattern``: 'shared' or 'per_frame' (``scan_masks``)."""
@@ -359,7 +361,7 @@ def simulate_realistic(proto: Protocol, matrix=(64, 64, 48), n_coils=8, accel=16
         parts.append((f + t0, z, y, np.moveaxis(k[:, f, z, y, :], 0, 1)))
     f, z, y, data = (np.concatenate([a[i] for a in parts]) for i in range(4))
     sigma = 0.0 if snr is None or not np.isfinite(snr) else snr_sigma(np.array(wm_mean), snr)
-    data, noise_scan = _add_noise(data, sigma, cov, seed, n_noise)
+    data, noise_scan = _add_noise(data, sigma, cov, seed if noise_seed is None else noise_seed, n_noise)
     lines = KSpaceLines(data, f, z, y, region[z, y], n_frames, nz, ny)
     scan = Scan(lines, noise_scan, proto.yaml_text, proto.name, tuple(truth.fov_mm))
     return Simulation(scan, truth, coils, sigma, cov, mode="realistic", pure=pure)
