@@ -340,6 +340,10 @@ def test_series_defaults(tiny):
     for k in auto:
         assert torch.equal(auto[k], explicit[k]), k
     assert not all(torch.equal(auto[k], plain[k]) for k in auto)
+    pmr, blend = fit(output="pmr"), fit(output="blend")     # the same fit, other maps
+    for k in ("T1", "PD"):
+        assert torch.equal(blend[k], auto[k]), k
+    assert torch.allclose(blend["T2"], (auto["T2"] * pmr["T2"]).sqrt(), rtol=1e-5)
 
 
 def test_lrr_finest_sets_lorein_lrr_grid_and_lrr_alone_keeps_the_full_grid(tiny):

@@ -52,6 +52,7 @@ class FitConfig:
     init_llr_iterations: int = 40    # init "llr": FISTA steps of the locally low-rank start
     output: str = "auto"             # maps from: pmr | lrr (LRR coefficients matched) | guard (PMR,
     #                                  but matched LRR where the two disagree by more than ``guard``)
+    #                                  | blend (lrr's, with T2 the geometric mean of both blocks' T2)
     #                                  | auto (series_defaults)
     guard: float = 0.4               # output "guard": |log(T_pmr / T_lrr)| above this -> LRR's maps
     patience: int = 40
@@ -338,6 +339,8 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
             ml = sub.match(lrr())
             if output == "lrr":
                 m = ml
+            elif output == "blend":      # two partly independent T2 estimates, averaged in log
+                m = dict(ml, t2=(ml["t2"] * m["t2"].to(ml["t2"].dtype)).sqrt())
             else:
                 off = ((m["t1"] / ml["t1"]).log().abs() > cfg.guard) | \
                       ((m["t2"] / ml["t2"]).log().abs() > cfg.guard)
