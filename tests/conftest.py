@@ -205,13 +205,13 @@ def mrf_small(tmp_path_factory) -> RawCase:
 # (test_accuracy.py::test_chain_limits_fail_linear_maps checks it). Measured on one thread, seed 0:
 # qalas_small lorein T1 0.126, T2 0.173, PD 0.088; zerofill 0.188 / 0.215 / 0.158; cg (5 it) 0.269 /
 # 0.236 / 0.140; llr 0.139 / 0.184 / 0.136.
-# mrf_tiny (100 frames, R = 50, 16 x 16 x 8, 4 coils: a weak scan) lorein T1 pure 0.474, T2 all 0.675,
-# PD all 0.270, B1 pure 0.071; zerofill 1.81 / 0.802 / 0.309 / 0.097; cg (5 it) 1.44 / 0.833 / 0.397 /
-# 0.196; cg 1.81 / 1.06 / 0.344 / 0.249 (there T2 and PD are checked over all tissue voxels: on the
-# few single-tissue voxels zero-filled matching's T2 (0.60) is below lorein's (0.70)).
+# mrf_tiny (100 frames, R = 50, 16 x 16 x 8, 4 coils: a weak scan) lorein T1 pure 0.474, T2 pure 0.455,
+# PD all 0.270, B1 pure 0.071; zerofill 1.81 / 0.600 / 0.309 / 0.097; cg (5 it) 1.44 / 1.87 / 0.397 /
+# 0.196; cg 1.81 / 4.86 / 0.344 / 0.249 (PD is checked over all tissue voxels; over all tissue
+# voxels T2 is near 0.75-0.8 for every method there, set by boundary voxels with CSF).
 ACCURACY = {
     "qalas": {"T1 pure": 0.15, "T2 pure": 0.20, "PD pure": 0.125},
-    "mrf": {"T1 pure": 0.70, "T2 all": 0.75, "PD all": 0.30, "B1 pure": 0.09},
+    "mrf": {"T1 pure": 0.70, "T2 pure": 0.55, "PD all": 0.30, "B1 pure": 0.09},
 }
 # Plumbing runs (cg, 5 iterations): limits that catch zero or empty maps and nothing finer (zero maps
 # score 1); these runs' maps are also compared exactly with the library's own. Measured cg (5 it):

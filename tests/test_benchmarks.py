@@ -31,6 +31,20 @@ def test_accuracy_table_with_seeds(capsys):
     assert "mean +- sd over seeds 3-4" in capsys.readouterr().out
 
 
+def test_output_rules_compare_rules_on_the_same_fit(capsys):
+    rules = load("output_rules")
+    rules.main(["--matrix", "12", "12", "8", "--coils", "3", "--cases", "qalas8", "--iterations", "4",
+                "--rules", "lrr", "lrr:0", "pmr", "pmr:0", "guard:0.7"])
+    rows = {line.split("|")[3].strip(): [float(c) for c in line.split("|")[4:10]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| qalas8 | 30 |")}
+    assert list(rows) == ["lrr", "lrr:0", "pmr", "pmr:0", "guard:0.7"], rows
+    assert rows["lrr:0"][1] == rows["pmr:0"][1]         # margin 0: the lower T2 of the same two blocks
+    assert rows["lrr:0"][0] == rows["lrr"][0] and rows["pmr:0"][0] == rows["pmr"][0]   # T1 untouched
+    with pytest.raises(ValueError, match="unknown output 'lr'"):
+        rules.main(["--matrix", "12", "12", "8", "--coils", "3", "--cases", "qalas8", "--iterations", "2",
+                    "--rules", "lr"])
+
+
 def test_accuracy_lowest_row_names_the_lowest_method_of_each_column(capsys):
     acc = load("accuracy")
     acc.main(["--matrix", "12", "12", "8", "--coils", "4", "--cases", "qalas8", "--snr", "30",

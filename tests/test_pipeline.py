@@ -1,5 +1,6 @@
 """recon/pipeline.py, the reconstruction path: settings, device fallback, the typed maps it returns,
 and LoREIN against the baselines."""
+import math
 from unittest import mock
 
 import numpy as np
@@ -319,7 +320,8 @@ def test_without_the_coupling_lorein_maps_are_pmr_maps(tiny):
     from gadget_lorein.recon.lorein import fit as lorein
     proto, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lorein", device="cpu"))
     fit = lambda method, **kw: lorein.fit(method, op, sub, support, proto.encodes_b1, iterations=10,  # noqa: E731
-                                          config=lorein.FitConfig(couple_weight=0.0, output="pmr", **kw))[0]
+                                          config=lorein.FitConfig(couple_weight=0.0, output="pmr",
+                                                                  t2_cap=math.inf, **kw))[0]
     pmr, joint, shared = fit("pmr"), fit("lorein"), fit("lorein", coil_from_lrr=True)
     for k in pmr:
         assert torch.equal(joint[k], pmr[k]), k
@@ -328,22 +330,54 @@ def test_without_the_coupling_lorein_maps_are_pmr_maps(tiny):
 
 def test_series_defaults(tiny):
     """"auto" output and LLR weight follow the series length: a short series (qalas-type) takes the
-    maps from the LRR block under the locally low-rank penalty, a long one (MRF-type) from PMR; auto gives exactly the explicit settings, and the penalty changes the maps."""
+    maps from the LRR block under the locally low-rank penalty, a long one (MRF-type) from PMR
+    with its T2 capped by the LRR block's (test_t2_cap); auto gives exactly the explicit settings,
+    and the penalty changes the maps."""
     from gadget_lorein.recon.lorein import fit as lorein
-    assert lorein.series_defaults(5) == dict(output="lrr", llr_weight=2.0)
-    assert lorein.series_defaults(lorein.SHORT_SERIES + 1) == dict(output="pmr", llr_weight=0.0)
+    assert lorein.series_defaults(5) == dict(output="lrr", llr_weight=2.0, t2_cap=math.inf)
+    assert lorein.series_defaults(lorein.SHORT_SERIES + 1) == dict(output="pmr", llr_weight=0.0, t2_cap=0.0)
     proto, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lorein", device="cpu"))
     assert sub.basis.shape[0] <= lorein.SHORT_SERIES
     fit = lambda **kw: lorein.fit("lorein", op, sub, support, proto.encodes_b1, iterations=10,  # noqa: E731
                                   config=lorein.FitConfig(**kw))[0]
-    auto, explicit, plain = fit(), fit(output="lrr", llr_weight=2.0), fit(output="lrr", llr_weight=0.0)
+    auto, explicit = fit(), fit(output="lrr", llr_weight=2.0, t2_cap=math.inf)
+    plain = fit(output="lrr", llr_weight=0.0)
     for k in auto:
         assert torch.equal(auto[k], explicit[k]), k
     assert not all(torch.equal(auto[k], plain[k]) for k in auto)
-    pmr, blend = fit(output="pmr"), fit(output="blend")     # the same fit, other maps
+    pmr, lrr = fit(output="pmr", t2_cap=math.inf), fit(output="lrr", t2_cap=math.inf)  # same fit
+    blend = fit(output="blend")
     for k in ("T1", "PD"):
         assert torch.equal(blend[k], auto[k]), k
-    assert torch.allclose(blend["T2"], (auto["T2"] * pmr["T2"]).sqrt(), rtol=1e-5)
+    assert torch.allclose(blend["T2"], (lrr["T2"] * pmr["T2"]).sqrt(), rtol=1e-5)
+
+
+def test_t2_cap(tiny):
+    """lorein's T2 is at most exp(t2_cap) x the other block's (0, a long series' default: the lower
+    of the two), the other maps those of the block named by ``output``, all from the same fit (``blocks``
+    receives both blocks' maps); inf turns the cap off; an unknown output is refused before fitting."""
+    from gadget_lorein.recon.lorein import fit as lorein
+    from gadget_lorein.recon.lorein.model import map_volumes
+    proto, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lorein", device="cpu"))
+    fit = lambda **kw: lorein.fit("lorein", op, sub, support, proto.encodes_b1, iterations=10,  # noqa: E731
+                                  config=lorein.FitConfig(**kw))[0]
+    blocks: dict = {}
+    lorein.fit("lorein", op, sub, support, proto.encodes_b1, iterations=10, blocks=blocks)
+    assert torch.equal(fit()["T2"], map_volumes(blocks["lrr"], support, proto.encodes_b1)["T2"])  # short: off
+    own = {k: map_volumes(v, support, proto.encodes_b1) for k, v in blocks.items()}
+    assert torch.equal(fit(output="pmr", t2_cap=math.inf)["T2"], own["pmr"]["T2"])
+    for output, other in (("pmr", "lrr"), ("lrr", "pmr")):
+        for margin in (0.0, 0.3):
+            capped = fit(output=output, t2_cap=margin)
+            for k in capped:
+                if k != "T2":
+                    assert torch.equal(capped[k], own[output][k]), (output, k)
+            want = torch.minimum(own[output]["T2"], own[other]["T2"].to(capped["T2"].dtype) * math.exp(margin))
+            assert torch.allclose(capped["T2"], want), (output, margin)
+    t2 = own["pmr"]["T2"][support], own["lrr"]["T2"][support]
+    assert bool((t2[0] > t2[1]).any()) and bool((t2[1] > t2[0]).any())    # the cap acts both ways
+    with pytest.raises(ValueError, match="unknown output 'lrr2'"):
+        fit(output="lrr2")
 
 
 def test_lrr_finest_sets_lorein_lrr_grid_and_lrr_alone_keeps_the_full_grid(tiny):

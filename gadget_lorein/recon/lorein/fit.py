@@ -1,7 +1,8 @@
 """The LoREIN fit (arXiv 2506.09100): the LRR and PMR blocks (:mod:`.model`) fitted jointly to the
 measured k-space, scan-specifically. Methods: ``lorein`` (both blocks, tied by a coupling term; maps
-from PMR for a long series, from the LRR block matched to the dictionary for a short one:
-``series_defaults``), ``pmr`` (PMR alone), ``lrr`` (LRR alone, then dictionary matching).
+from PMR, its T2 capped by the LRR block's, for a long series, from the LRR block matched to the
+dictionary for a short one: ``series_defaults``, ``combine_maps``), ``pmr`` (PMR alone), ``lrr``
+(LRR alone, then dictionary matching).
 
 Objective, relative to ||y||^2: DC(X_lrr) + DC(X_pmr) + couple_weight * density * ||X_pmr - X_lrr||^2
 + lambda * sum over randomly shifted blocks of ||X_lrr block||_* (short series: the llr baseline's
@@ -12,6 +13,7 @@ explains each choice and benchmarks/RESULTS.md holds the measurements behind it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -55,6 +57,8 @@ class FitConfig:
     #                                  | blend (lrr's, with T2 the geometric mean of both blocks' T2)
     #                                  | auto (series_defaults)
     guard: float = 0.4               # output "guard": |log(T_pmr / T_lrr)| above this -> LRR's maps
+    t2_cap: float = -1.0             # lorein, output pmr or lrr: T2 at most exp(t2_cap) x the other
+    #                                  block's T2 (0: the lower of the two; inf: off; <0: auto)
     patience: int = 40
     tol: float = 1e-4
     # held-out lines (the operator's ``held_out``, see recon's ``holdout``): their loss is checked
@@ -143,7 +147,7 @@ class HeldOutRule:
 
 def fit(method: str, op: SubspaceOperator, sub: SubspaceModel, support: torch.Tensor,
         encodes_b1: bool, iterations: int = 0, seed: int = 0, progress=None,
-        config: FitConfig | None = None, monitor=None) -> tuple[dict, dict]:
+        config: FitConfig | None = None, monitor=None, blocks: dict | None = None) -> tuple[dict, dict]:
     """Fit ``method`` (lorein | pmr | lrr); returns (maps, info). On the CPU the fit uses
     deterministic kernels (the hash tables' gradient accumulation is otherwise order-dependent
     across threads), so a seed gives bit-identical maps. With held-out lines (``op.held_out``)
@@ -151,12 +155,14 @@ def fit(method: str, op: SubspaceOperator, sub: SubspaceModel, support: torch.Te
     (``info["held_out_step"]``). ``monitor(step, losses,
     maps)``, if given, is called at every held-out check with the held-out losses ({"pmr": ...,
     "lrr": ...}, the blocks fitted) and the per-voxel maps (PMR's, or the LRR coefficients for lrr),
-    for studies of the stopping rule."""
+    for studies of the stopping rule. ``blocks``, if given (a dict), receives both blocks' final
+    per-voxel maps ("pmr" and, matched, "lrr") for studies of the output rule (``combine_maps``)."""
     previous = torch.are_deterministic_algorithms_enabled()
     if op.device.type == "cpu":
         torch.use_deterministic_algorithms(True)
     try:
-        return _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, config, monitor)
+        return _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, config, monitor,
+                    blocks)
     finally:
         torch.use_deterministic_algorithms(previous)
 
@@ -171,10 +177,12 @@ def series_defaults(n_frames: int) -> dict:
     block's coefficients, matched to the dictionary, and the LRR block carries a locally low-rank
     penalty (the llr baseline's prior on a network's output). A long series (MRF-type) encodes T1
     and T2 well enough for the physics block, whose maps are the output; the penalty and the LRR
-    output (or a guard by it) cost accuracy there. docs/design.md gives the measurements."""
+    output cost accuracy there, and PMR's T2 is capped by the LRR block's (``t2_cap`` 0,
+    ``combine_maps``): next to the CSF it reaches for CSF-like values that the LRR coefficients do
+    not support. docs/design.md gives the measurements."""
     if n_frames <= SHORT_SERIES:
-        return dict(output="lrr", llr_weight=2.0)
-    return dict(output="pmr", llr_weight=0.0)
+        return dict(output="lrr", llr_weight=2.0, t2_cap=math.inf)
+    return dict(output="pmr", llr_weight=0.0, t2_cap=0.0)
 
 
 def default_iterations(n_frames: int) -> int:
@@ -186,13 +194,43 @@ def default_iterations(n_frames: int) -> int:
     return 200 if n_frames <= SHORT_SERIES else 400
 
 
-def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, config, monitor=None):
+OUTPUTS = ("pmr", "lrr", "blend", "guard")
+
+
+def combine_maps(output: str, m: dict, ml: dict, cfg: FitConfig) -> dict:
+    """The maps of a lorein fit from PMR's per-voxel maps ``m`` and the LRR block's matched ones
+    ``ml``, by ``output`` and ``t2_cap`` (FitConfig's, resolved). For output pmr or lrr, T2 is then
+    at most exp(t2_cap) x the other block's (docs/design.md, "T2: capped by the other block")."""
+    if output in ("pmr", "lrr"):
+        base, other = (m, ml) if output == "pmr" else (ml, m)
+        if not math.isfinite(cfg.t2_cap):
+            return base
+        cap = other["t2"].to(base["t2"].dtype) * math.exp(cfg.t2_cap)
+        log.info("lorein: T2 of %d of %d voxels capped by the other block's", int((base["t2"] > cap).sum()),
+                 cap.numel())
+        return dict(base, t2=torch.minimum(base["t2"], cap))
+    if output == "blend":        # two partly independent T2 estimates, averaged in log
+        return dict(ml, t2=(ml["t2"] * m["t2"].to(ml["t2"].dtype)).sqrt())
+    if output == "guard":
+        off = ((m["t1"] / ml["t1"]).log().abs() > cfg.guard) | ((m["t2"] / ml["t2"]).log().abs() > cfg.guard)
+        log.info("lorein: %d of %d voxels from the LRR block (guard %g)", int(off.sum()), off.numel(),
+                 cfg.guard)
+        return {k: torch.where(off, ml[k].to(m[k].dtype), m[k]) for k in m}
+    raise ValueError(f"unknown output {output!r}: one of {', '.join(OUTPUTS)}")
+
+
+def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, config, monitor=None,
+         blocks=None):
     cfg = config or FitConfig()
     n_frames = sub.basis.shape[0]
     iterations = iterations or cfg.iterations or default_iterations(n_frames)
     auto = series_defaults(n_frames)
     output = auto["output"] if cfg.output == "auto" else cfg.output
+    if output not in OUTPUTS:
+        raise ValueError(f"unknown output {output!r}: auto or one of {', '.join(OUTPUTS)}")
     llr_weight = auto["llr_weight"] if cfg.llr_weight < 0 else cfg.llr_weight
+    if cfg.t2_cap < 0:
+        cfg = dataclasses.replace(cfg, t2_cap=auto["t2_cap"])
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     if cfg.init == "cg":
@@ -335,18 +373,11 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
             m.load_state_dict(state)
     with torch.no_grad():
         m = pmr() if use_pmr else sub.match(lrr())   # maps from PMR, or matched LRR coefficients
-        if use_pmr and use_lrr and output != "pmr":
+        if use_pmr and use_lrr and (output != "pmr" or math.isfinite(cfg.t2_cap) or blocks is not None):
             ml = sub.match(lrr())
-            if output == "lrr":
-                m = ml
-            elif output == "blend":      # two partly independent T2 estimates, averaged in log
-                m = dict(ml, t2=(ml["t2"] * m["t2"].to(ml["t2"].dtype)).sqrt())
-            else:
-                off = ((m["t1"] / ml["t1"]).log().abs() > cfg.guard) | \
-                      ((m["t2"] / ml["t2"]).log().abs() > cfg.guard)
-                m = {k: torch.where(off, ml[k].to(m[k].dtype), m[k]) for k in m}
-                log.info("lorein: %d of %d voxels from the LRR block (guard %g)", int(off.sum()),
-                         off.numel(), cfg.guard)
+            if blocks is not None:
+                blocks.update(pmr=m, lrr=ml)
+            m = combine_maps(output, m, ml, cfg)
         maps = map_volumes(m, support, encodes_b1)
     info = dict(iterations=len(history), final_loss=history[-1] if history else None,
                 fit_seconds=time.perf_counter() - t0, voxels=int(support.sum()))
