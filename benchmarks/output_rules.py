@@ -5,12 +5,15 @@ the rule. Prints one JSON line per scan and rule and a table of means.
 
     python benchmarks/output_rules.py --cases mrf200 --snr 15 30 --seeds 0 1 2 \
         --rules pmr pmr:0 pmr:0.1 pmr:0.2 guard:0.7
-    python benchmarks/output_rules.py --cases qalas8 --snr 15 30 --seeds 0 1 --rules lrr lrr:0 pmr pmr:0
+    python benchmarks/output_rules.py --cases qalas8 --snr 15 30 --seeds 0 1 --rules lrr lrr:0:0.05:0.15 pmr \
+        --baselines llr
     python benchmarks/output_rules.py --cases mrf100 --matrix 24 24 16 --protocol n_tr=100 epg_states=32
 
-A rule is OUTPUT (pmr, lrr: that block's maps, uncapped) or OUTPUT:MARGIN (pmr, lrr: T2 capped at
-exp(MARGIN) x the other block's, ``t2_cap``; guard: ``guard``). The default fit's own rule is
-pmr:0 for a long series and lrr:0 for a short one.
+A rule is OUTPUT (pmr, lrr: that block's maps as they are) or OUTPUT:CAP[:DEPTH[:REACH]] (pmr,
+lrr: T2 capped at exp(CAP) x the other block's, ``t2_cap``; the cap lowers T2 by at most
+exp(-DEPTH), ``t2_cap_depth``; T1 and T2 raised towards the other block's by at most exp(REACH)
+where both of its are higher, ``pv_reach``) or guard:MARGIN (``guard``). The default fit's own
+rule is pmr:0 for a long series and lrr:0:0.05:0.15 for a short one.
 """
 from __future__ import annotations
 
@@ -34,10 +37,12 @@ KEYS = ("T1 pure", "T2 pure", "T1 all", "T2 all", "T1 p99", "T2 p99")
 
 
 def rule_config(rule: str) -> tuple[str, lorein.FitConfig]:
-    output, _, margin = rule.partition(":")
+    output, *rest = rule.split(":")
     if output in ("pmr", "lrr"):
-        return output, lorein.FitConfig(t2_cap=float(margin) if margin else math.inf)
-    return output, lorein.FitConfig(**({"guard": float(margin)} if margin else {}))
+        knobs = dict(zip(("t2_cap", "t2_cap_depth", "pv_reach"), map(float, rest)))
+        return output, lorein.FitConfig(**{"t2_cap": math.inf, "t2_cap_depth": math.inf, "pv_reach": 0.0,
+                                           **knobs})
+    return output, lorein.FitConfig(**({"guard": float(rest[0])} if rest else {}))
 
 
 def main(argv=None):
@@ -50,6 +55,8 @@ def main(argv=None):
     ap.add_argument("--protocol", nargs="*", default=[], metavar="KEY=VALUE",
                     help="protocol overrides, e.g. n_tr=100 (a shorter train)")
     ap.add_argument("--rules", nargs="+", default=["pmr", "pmr:0", "lrr", "lrr:0", "guard:0.7"])
+    ap.add_argument("--baselines", nargs="*", default=[], metavar="METHOD",
+                    help="methods also run at their defaults on each scan (e.g. llr), rows named so")
     ap.add_argument("--iterations", type=int, default=0, help="fit steps (0: the default schedule)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
@@ -73,10 +80,15 @@ def main(argv=None):
                 lorein.fit("lorein", op, sub, support, proto_.encodes_b1, iterations=args.iterations,
                            seed=seed, blocks=blocks)
                 wall = time.perf_counter() - t0
+                results = {}
                 for rule in args.rules:
                     output, cfg = rule_config(rule)
                     m = lorein.combine_maps(output, blocks["pmr"], blocks["lrr"], cfg)
-                    maps = recon.finish_maps(map_volumes(m, support, proto_.encodes_b1), support)
+                    results[rule] = recon.finish_maps(map_volumes(m, support, proto_.encodes_b1), support)
+                for method in args.baselines:
+                    results[method] = recon.reconstruct(sim.scan, recon.ReconSettings(
+                        method=method, seed=seed, device=str(dev))).maps
+                for rule, maps in results.items():
                     e = metrics.tissue_errors(maps.as_dict(), truth)
                     rows.setdefault((case, snr, rule), []).append(e)
                     print(json.dumps(dict(case=case, snr=snr, seed=seed, rule=rule, fit_s=round(wall, 1),

@@ -321,7 +321,7 @@ def test_without_the_coupling_lorein_maps_are_pmr_maps(tiny):
     proto, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lorein", device="cpu"))
     fit = lambda method, **kw: lorein.fit(method, op, sub, support, proto.encodes_b1, iterations=10,  # noqa: E731
                                           config=lorein.FitConfig(couple_weight=0.0, output="pmr",
-                                                                  t2_cap=math.inf, **kw))[0]
+                                                                  t2_cap=math.inf, pv_reach=0.0, **kw))[0]
     pmr, joint, shared = fit("pmr"), fit("lorein"), fit("lorein", coil_from_lrr=True)
     for k in pmr:
         assert torch.equal(joint[k], pmr[k]), k
@@ -330,32 +330,37 @@ def test_without_the_coupling_lorein_maps_are_pmr_maps(tiny):
 
 def test_series_defaults(tiny):
     """"auto" output and LLR weight follow the series length: a short series (qalas-type) takes the
-    maps from the LRR block under the locally low-rank penalty, a long one (MRF-type) from PMR
-    with its T2 capped by the LRR block's (test_t2_cap); auto gives exactly the explicit settings,
-    and the penalty changes the maps."""
+    maps from the LRR block under the locally low-rank penalty, nudged by PMR's (test_output_bounds),
+    a long one (MRF-type) from PMR with its T2 capped by the LRR block's; auto gives exactly the
+    explicit settings, and the penalty changes the maps."""
     from gadget_lorein.recon.lorein import fit as lorein
-    assert lorein.series_defaults(5) == dict(output="lrr", llr_weight=2.0, t2_cap=math.inf)
-    assert lorein.series_defaults(lorein.SHORT_SERIES + 1) == dict(output="pmr", llr_weight=0.0, t2_cap=0.0)
+    short = dict(output="lrr", llr_weight=2.0, t2_cap=0.0, t2_cap_depth=0.05, pv_reach=0.15)
+    assert lorein.series_defaults(5) == short
+    assert lorein.series_defaults(lorein.SHORT_SERIES + 1) == dict(
+        output="pmr", llr_weight=0.0, t2_cap=0.0, t2_cap_depth=math.inf, pv_reach=0.0)
     proto, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lorein", device="cpu"))
     assert sub.basis.shape[0] <= lorein.SHORT_SERIES
     fit = lambda **kw: lorein.fit("lorein", op, sub, support, proto.encodes_b1, iterations=10,  # noqa: E731
                                   config=lorein.FitConfig(**kw))[0]
-    auto, explicit = fit(), fit(output="lrr", llr_weight=2.0, t2_cap=math.inf)
-    plain = fit(output="lrr", llr_weight=0.0)
+    auto, explicit = fit(), fit(**short)
+    plain = fit(**dict(short, llr_weight=0.0))
     for k in auto:
         assert torch.equal(auto[k], explicit[k]), k
     assert not all(torch.equal(auto[k], plain[k]) for k in auto)
-    pmr, lrr = fit(output="pmr", t2_cap=math.inf), fit(output="lrr", t2_cap=math.inf)  # same fit
+    bare = dict(t2_cap=math.inf, pv_reach=0.0)
+    pmr, lrr = fit(output="pmr", **bare), fit(output="lrr", **bare)  # same fit
     blend = fit(output="blend")
     for k in ("T1", "PD"):
-        assert torch.equal(blend[k], auto[k]), k
+        assert torch.equal(blend[k], lrr[k]), k
     assert torch.allclose(blend["T2"], (lrr["T2"] * pmr["T2"]).sqrt(), rtol=1e-5)
 
 
-def test_t2_cap(tiny):
-    """lorein's T2 is at most exp(t2_cap) x the other block's (0, a long series' default: the lower
-    of the two), the other maps those of the block named by ``output``, all from the same fit (``blocks``
-    receives both blocks' maps); inf turns the cap off; an unknown output is refused before fitting."""
+def test_output_bounds(tiny):
+    """Output pmr or lrr: that block's maps, bounded by the other block's, all from the same fit
+    (``blocks`` receives both blocks' maps). T2 is at most exp(t2_cap) x the other's (0: the lower
+    of the two; inf: off), lowered by at most exp(-t2_cap_depth); where the other's T1 and T2 are
+    both above exp(pv_margin) x these, both rise towards the other's by at most exp(pv_reach); PD
+    is untouched. An unknown output is refused before fitting."""
     from gadget_lorein.recon.lorein import fit as lorein
     from gadget_lorein.recon.lorein.model import map_volumes
     proto, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lorein", device="cpu"))
@@ -364,16 +369,24 @@ def test_t2_cap(tiny):
     blocks: dict = {}
     lorein.fit("lorein", op, sub, support, proto.encodes_b1, iterations=10, blocks=blocks)
     own = {k: map_volumes(v, support, proto.encodes_b1) for k, v in blocks.items()}
-    assert torch.equal(fit()["T2"], own["lrr"]["T2"])              # a short series: no cap
-    assert torch.equal(fit(output="pmr", t2_cap=math.inf)["T2"], own["pmr"]["T2"])
+    assert torch.equal(fit(output="pmr", t2_cap=math.inf, pv_reach=0.0)["T2"], own["pmr"]["T2"])
     for output, other in (("pmr", "lrr"), ("lrr", "pmr")):
-        for margin in (0.0, 0.3):
-            capped = fit(output=output, t2_cap=margin)
+        mine, theirs = own[output], {k: v.to(own[output][k].dtype) for k, v in own[other].items()}
+        for margin, depth in ((0.0, math.inf), (0.3, math.inf), (0.0, 0.05)):
+            capped = fit(output=output, t2_cap=margin, t2_cap_depth=depth, pv_reach=0.0)
             for k in capped:
                 if k != "T2":
-                    assert torch.equal(capped[k], own[output][k]), (output, k)
-            want = torch.minimum(own[output]["T2"], own[other]["T2"].to(capped["T2"].dtype) * math.exp(margin))
-            assert torch.allclose(capped["T2"], want), (output, margin)
+                    assert torch.equal(capped[k], mine[k]), (output, k)
+            want = torch.minimum(mine["T2"], torch.maximum(theirs["T2"] * math.exp(margin),
+                                                           mine["T2"] * math.exp(-depth)))
+            assert torch.allclose(capped["T2"], want), (output, margin, depth)
+        raised = fit(output=output, t2_cap=math.inf, pv_reach=0.15, pv_margin=0.1)
+        up = (theirs["T1"] > mine["T1"] * math.exp(0.1)) & (theirs["T2"] > mine["T2"] * math.exp(0.1)) & support
+        assert bool(up.any()) and bool((support & ~up).any()), output
+        for k in ("T1", "T2"):
+            want = torch.where(up, torch.minimum(theirs[k], mine[k] * math.exp(0.15)), mine[k])
+            assert torch.allclose(raised[k][support], want[support]), (output, k)
+        assert torch.equal(raised["PD"], mine["PD"])
     t2 = own["pmr"]["T2"][support], own["lrr"]["T2"][support]
     assert bool((t2[0] > t2[1]).any()) and bool((t2[1] > t2[0]).any())    # the cap acts both ways
     with pytest.raises(ValueError, match="unknown output 'lrr2'"):

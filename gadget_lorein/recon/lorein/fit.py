@@ -59,6 +59,12 @@ class FitConfig:
     guard: float = 0.4               # output "guard": |log(T_pmr / T_lrr)| above this -> LRR's maps
     t2_cap: float = -1.0             # lorein, output pmr or lrr: T2 at most exp(t2_cap) x the other
     #                                  block's T2 (0: the lower of the two; inf: off; <0: auto)
+    t2_cap_depth: float = -1.0       # the cap lowers T2 by at most exp(-t2_cap_depth) (inf: no
+    #                                  limit; <0: auto)
+    pv_reach: float = -1.0           # lorein, output pmr or lrr: where the other block's T1 and T2 are
+    #                                  both above exp(pv_margin) x these, they move up towards the
+    #                                  other's by at most exp(pv_reach) (0: off; <0: auto)
+    pv_margin: float = 0.1
     patience: int = 40
     tol: float = 1e-4
     # held-out lines (the operator's ``held_out``, see recon's ``holdout``): their loss is checked
@@ -175,14 +181,16 @@ def series_defaults(n_frames: int) -> dict:
     (a few contrasts) encodes each voxel weakly: at scanner-like SNR and with partial volume the
     PMR block reaches for the ends of its range in mixed voxels, so the maps come from the LRR
     block's coefficients, matched to the dictionary, and the LRR block carries a locally low-rank
-    penalty (the llr baseline's prior on a network's output). A long series (MRF-type) encodes T1
+    penalty (the llr baseline's prior on a network's output); PMR only nudges them (T2 down by at
+    most 5 %, T1 and T2 up by at most 15 % where both of PMR's are higher: ``combine_maps``).
+    A long series (MRF-type) encodes T1
     and T2 well enough for the physics block, whose maps are the output; the penalty and the LRR
     output cost accuracy there, and PMR's T2 is capped by the LRR block's (``t2_cap`` 0,
     ``combine_maps``): next to the CSF it reaches for CSF-like values that the LRR coefficients do
     not support. docs/design.md gives the measurements."""
     if n_frames <= SHORT_SERIES:
-        return dict(output="lrr", llr_weight=2.0, t2_cap=math.inf)
-    return dict(output="pmr", llr_weight=0.0, t2_cap=0.0)
+        return dict(output="lrr", llr_weight=2.0, t2_cap=0.0, t2_cap_depth=0.05, pv_reach=0.15)
+    return dict(output="pmr", llr_weight=0.0, t2_cap=0.0, t2_cap_depth=math.inf, pv_reach=0.0)
 
 
 def default_iterations(n_frames: int) -> int:
@@ -199,16 +207,30 @@ OUTPUTS = ("pmr", "lrr", "blend", "guard")
 
 def combine_maps(output: str, m: dict, ml: dict, cfg: FitConfig) -> dict:
     """The maps of a lorein fit from PMR's per-voxel maps ``m`` and the LRR block's matched ones
-    ``ml``, by ``output`` and ``t2_cap`` (FitConfig's, resolved). For output pmr or lrr, T2 is then
-    at most exp(t2_cap) x the other block's (docs/design.md, "T2: capped by the other block")."""
+    ``ml``, by ``output`` and FitConfig's (resolved) ``pv_reach``, ``pv_margin``, ``t2_cap`` and
+    ``t2_cap_depth``. For output pmr or lrr, that block's maps, then: where the other block's T1
+    and T2 are both above these by more than exp(pv_margin) (partial volume with CSF, the one
+    compartment long in both), both move up towards the other's by at most exp(pv_reach); T2 is
+    at most exp(t2_cap) x the other block's, lowered by at most exp(-t2_cap_depth)
+    (docs/design.md, "Output: one block's maps, bounded by the other's")."""
     if output in ("pmr", "lrr"):
         base, other = (m, ml) if output == "pmr" else (ml, m)
-        if not math.isfinite(cfg.t2_cap):
-            return base
-        cap = other["t2"].to(base["t2"].dtype) * math.exp(cfg.t2_cap)
-        log.info("lorein: T2 of %d of %d voxels capped by the other block's", int((base["t2"] > cap).sum()),
-                 cap.numel())
-        return dict(base, t2=torch.minimum(base["t2"], cap))
+        out = dict(base)
+        o1, o2 = (other[k].to(base[k].dtype) for k in ("t1", "t2"))
+        if cfg.pv_reach > 0:
+            up = (o1 > base["t1"] * math.exp(cfg.pv_margin)) & (o2 > base["t2"] * math.exp(cfg.pv_margin))
+            for k, o in (("t1", o1), ("t2", o2)):
+                out[k] = torch.where(up, torch.minimum(o, base[k] * math.exp(cfg.pv_reach)), base[k])
+            log.info("lorein: T1 and T2 of %d of %d voxels raised towards the other block's",
+                     int(up.sum()), up.numel())
+        if math.isfinite(cfg.t2_cap):
+            cap = o2 * math.exp(cfg.t2_cap)
+            if math.isfinite(cfg.t2_cap_depth):
+                cap = torch.maximum(cap, base["t2"] * math.exp(-cfg.t2_cap_depth))
+            log.info("lorein: T2 of %d of %d voxels capped by the other block's",
+                     int((out["t2"] > cap).sum()), cap.numel())
+            out["t2"] = torch.minimum(out["t2"], cap)
+        return out
     if output == "blend":        # two partly independent T2 estimates, averaged in log
         return dict(ml, t2=(ml["t2"] * m["t2"].to(ml["t2"].dtype)).sqrt())
     if output == "guard":
@@ -229,8 +251,9 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
     if output not in OUTPUTS:
         raise ValueError(f"unknown output {output!r}: auto or one of {', '.join(OUTPUTS)}")
     llr_weight = auto["llr_weight"] if cfg.llr_weight < 0 else cfg.llr_weight
-    if cfg.t2_cap < 0:
-        cfg = dataclasses.replace(cfg, t2_cap=auto["t2_cap"])
+    for knob in ("t2_cap", "t2_cap_depth", "pv_reach"):
+        if getattr(cfg, knob) < 0:
+            cfg = dataclasses.replace(cfg, **{knob: auto[knob]})
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     if cfg.init == "cg":
@@ -373,7 +396,8 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
             m.load_state_dict(state)
     with torch.no_grad():
         m = pmr() if use_pmr else sub.match(lrr())   # maps from PMR, or matched LRR coefficients
-        if use_pmr and use_lrr and (output != "pmr" or math.isfinite(cfg.t2_cap) or blocks is not None):
+        if use_pmr and use_lrr and (output != "pmr" or math.isfinite(cfg.t2_cap) or cfg.pv_reach > 0
+                                    or blocks is not None):
             ml = sub.match(lrr())
             if blocks is not None:
                 blocks.update(pmr=m, lrr=ml)
