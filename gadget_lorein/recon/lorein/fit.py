@@ -182,12 +182,11 @@ def series_defaults(n_frames: int) -> dict:
     PMR block reaches for the ends of its range in mixed voxels, so the maps come from the LRR
     block's coefficients, matched to the dictionary, and the LRR block carries a locally low-rank
     penalty (the llr baseline's prior on a network's output); PMR only nudges them (T2 down by at
-    most 5 %, T1 and T2 up by at most 15 % where both of PMR's are higher: ``combine_maps``).
-    A long series (MRF-type) encodes T1
-    and T2 well enough for the physics block, whose maps are the output; the penalty and the LRR
-    output cost accuracy there, and PMR's T2 is capped by the LRR block's (``t2_cap`` 0,
-    ``combine_maps``): next to the CSF it reaches for CSF-like values that the LRR coefficients do
-    not support. docs/design.md gives the measurements."""
+    most 5 %, T1 and T2 up by at most 15 % where both of PMR's are higher: ``combine_maps``). A
+    long series (MRF-type) encodes T1 and T2 well enough for the physics block, whose maps are the
+    output; the penalty and the LRR output cost accuracy there, and PMR's T2 is capped by the LRR
+    block's (``t2_cap`` 0, ``combine_maps``): next to the CSF it reaches for CSF-like values that
+    the LRR coefficients do not support. docs/design.md gives the measurements."""
     if n_frames <= SHORT_SERIES:
         return dict(output="lrr", llr_weight=2.0, t2_cap=0.0, t2_cap_depth=0.05, pv_reach=0.15)
     return dict(output="pmr", llr_weight=0.0, t2_cap=0.0, t2_cap_depth=math.inf, pv_reach=0.0)
