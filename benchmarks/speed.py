@@ -54,12 +54,9 @@ import torch
 from gadget_lorein.recon.lorein import fit as lorein, model
 
 from gadget_lorein import metrics
-
 from gadget_lorein.physics import protocol, sequences
-
 from gadget_lorein.recon import pipeline as recon
-
-from gadget_lorein.sim import sampling, simulate
+from gadget_lorein.sim import simulate
 from gadget_lorein.io import buffer, map_images, rawfile
 from gadget_lorein.fft import fftnc
 from gadget_lorein.recon.lorein.hashgrid import CoordinateNet, HashGridEncoding
