@@ -8,10 +8,12 @@ one line per fit as it finishes (JSON with --jsonl) and a summary table: mean pe
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -20,6 +22,18 @@ from gadget_lorein.physics import protocol
 from gadget_lorein.recon import pipeline as recon
 from gadget_lorein.recon.lorein import fit as lorein
 from gadget_lorein.sim import simulate
+
+
+def _accuracy():
+    """benchmarks/accuracy.py, loaded by path (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("accuracy", Path(__file__).with_name("accuracy.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+parse_case = _accuracy().parse_case
+
 
 KEYS = ("T1 pure", "T2 pure", "T1 all", "T2 all", "T1 p99", "T2 p99")
 
@@ -39,7 +53,8 @@ def parse_variant(text: str):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", nargs="+", default=["qalas8"])
+    ap.add_argument("--cases", nargs="+", type=parse_case, default=[parse_case("qalas8")],
+                    help="qalas<R> / mrf<R>")
     ap.add_argument("--snr", nargs="+", type=float, default=[30.0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--matrix", nargs=3, type=int, default=[40, 32, 24])
@@ -53,8 +68,8 @@ def main(argv=None):
     dev = recon.resolve_device(args.device)
     rows = {}
     out = open(args.jsonl, "a") if args.jsonl else None
-    for case in args.cases:
-        seq, R = case.rstrip("0123456789"), float(case.lstrip("qalasmrf"))
+    for seq, R in args.cases:
+        case = f"{seq}{R:g}"
         proto = protocol.load(seq)
         for snr in args.snr:
             for seed in args.seeds:

@@ -18,10 +18,12 @@ rule is pmr:0 for a long series and lrr:0:0.05:0.15 for a short one.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import yaml
@@ -32,6 +34,18 @@ from gadget_lorein.recon import pipeline as recon
 from gadget_lorein.recon.lorein import fit as lorein
 from gadget_lorein.recon.lorein.model import map_volumes
 from gadget_lorein.sim import simulate
+
+
+def _accuracy():
+    """benchmarks/accuracy.py, loaded by path (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("accuracy", Path(__file__).with_name("accuracy.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+parse_case = _accuracy().parse_case
+
 
 KEYS = ("T1 pure", "T2 pure", "T1 all", "T2 all", "T1 p99", "T2 p99")
 
@@ -47,7 +61,8 @@ def rule_config(rule: str) -> tuple[str, lorein.FitConfig]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", nargs="+", default=["mrf200"])
+    ap.add_argument("--cases", nargs="+", type=parse_case, default=[parse_case("mrf200")],
+                    help="qalas<R> / mrf<R>")
     ap.add_argument("--snr", nargs="+", type=float, default=[30.0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--matrix", nargs=3, type=int, default=[40, 32, 24])
@@ -63,8 +78,8 @@ def main(argv=None):
     dev = recon.resolve_device(args.device)
     over = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.protocol)}
     rows: dict = {}
-    for case in args.cases:
-        seq, R = case.rstrip("0123456789"), float(case.lstrip("qalasmrf"))
+    for seq, R in args.cases:
+        case = f"{seq}{R:g}"
         proto = protocol.load(seq)
         if over:
             proto = proto.with_overrides(**over)

@@ -49,6 +49,17 @@ def test_output_rules_compare_rules_on_the_same_fit(capsys):
                     "--rules", "lr"])
 
 
+def test_fit_sweep_rows_per_variant_and_baseline(capsys):
+    sweep = load("fit_sweep")
+    sweep.main(["--matrix", "12", "12", "8", "--coils", "3", "--cases", "qalas8", "--baselines", "zerofill",
+                "--variant", "it3=iterations:3", "--variant", "it2=iterations:2"])
+    rows = [line.split("|")[3].strip() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| qalas8 | 30 |")]
+    assert rows == ["zerofill", "it3", "it2"], rows
+    with pytest.raises(SystemExit):
+        sweep.main(["--cases", "qalasx"])
+
+
 def test_accuracy_lowest_row_names_the_lowest_method_of_each_column(capsys):
     acc = load("accuracy")
     acc.main(["--matrix", "12", "12", "8", "--coils", "4", "--cases", "qalas8", "--snr", "30",
