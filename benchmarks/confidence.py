@@ -16,7 +16,7 @@ default, as benchmarks/accuracy.py):
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import sys
 import time
 from pathlib import Path
 
@@ -29,15 +29,10 @@ from gadget_lorein.recon import confidence
 from gadget_lorein.recon import pipeline as recon
 from gadget_lorein.sim import simulate
 
-
-def _accuracy():
-    spec = importlib.util.spec_from_file_location("accuracy", Path(__file__).with_name("accuracy.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, str(Path(__file__).parent))     # the benchmarks are scripts, not a package
+from accuracy import parse_case  # noqa: E402
 
 
-parse_case = _accuracy().parse_case
 METHODS = ["zerofill", "llr", "lorein"]
 
 

@@ -8,7 +8,6 @@ one line per fit as it finishes (JSON with --jsonl) and a summary table: mean pe
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -23,16 +22,8 @@ from gadget_lorein.recon import pipeline as recon
 from gadget_lorein.recon.lorein import fit as lorein
 from gadget_lorein.sim import simulate
 
-
-def _accuracy():
-    """benchmarks/accuracy.py, loaded by path (the benchmarks are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("accuracy", Path(__file__).with_name("accuracy.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-parse_case = _accuracy().parse_case
+sys.path.insert(0, str(Path(__file__).parent))     # the benchmarks are scripts, not a package
+from accuracy import parse_case  # noqa: E402
 
 
 KEYS = ("T1 pure", "T2 pure", "T1 all", "T2 all", "T1 p99", "T2 p99")

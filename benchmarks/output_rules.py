@@ -18,10 +18,10 @@ rule is pmr:0 for a long series and lrr:0:0.05:0.15 for a short one.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -35,16 +35,8 @@ from gadget_lorein.recon.lorein import fit as lorein
 from gadget_lorein.recon.lorein.model import map_volumes
 from gadget_lorein.sim import simulate
 
-
-def _accuracy():
-    """benchmarks/accuracy.py, loaded by path (the benchmarks are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("accuracy", Path(__file__).with_name("accuracy.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-parse_case = _accuracy().parse_case
+sys.path.insert(0, str(Path(__file__).parent))     # the benchmarks are scripts, not a package
+from accuracy import parse_case  # noqa: E402
 
 
 KEYS = ("T1 pure", "T2 pure", "T1 all", "T2 all", "T1 p99", "T2 p99")
