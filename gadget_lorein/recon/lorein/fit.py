@@ -395,8 +395,7 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
             m.load_state_dict(state)
     with torch.no_grad():
         m = pmr() if use_pmr else sub.match(lrr())   # maps from PMR, or matched LRR coefficients
-        if use_pmr and use_lrr and (output != "pmr" or math.isfinite(cfg.t2_cap) or cfg.pv_reach > 0
-                                    or blocks is not None):
+        if use_pmr and use_lrr:                      # lorein: the output rule sees both blocks
             ml = sub.match(lrr())
             if blocks is not None:
                 blocks.update(pmr=m, lrr=ml)
