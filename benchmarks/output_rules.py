@@ -5,15 +5,17 @@ the rule. Prints one JSON line per scan and rule and a table of means.
 
     python benchmarks/output_rules.py --cases mrf200 --snr 15 30 --seeds 0 1 2 \
         --rules pmr pmr:0 pmr:0.1 pmr:0.2 guard:0.7
-    python benchmarks/output_rules.py --cases qalas8 --snr 15 30 --seeds 0 1 --rules lrr lrr:0:0.05:0.15 pmr \
+    python benchmarks/output_rules.py --cases qalas8 --snr 15 30 --seeds 0 1 --rules lrr lrr:0:0.05:0.15:0.05:200 pmr \
         --baselines llr
     python benchmarks/output_rules.py --cases mrf100 --matrix 24 24 16 --protocol n_tr=100 epg_states=32
 
-A rule is OUTPUT (pmr, lrr: that block's maps as they are) or OUTPUT:CAP[:DEPTH[:REACH]] (pmr,
-lrr: T2 capped at exp(CAP) x the other block's, ``t2_cap``; the cap lowers T2 by at most
-exp(-DEPTH), ``t2_cap_depth``; T1 and T2 raised towards the other block's by at most exp(REACH)
-where both of its are higher, ``pv_reach``) or guard:MARGIN (``guard``). The default fit's own
-rule is pmr:0 for a long series and lrr:0:0.05:0.15 for a short one.
+A rule is OUTPUT (pmr, lrr: that block's maps as they are) or
+OUTPUT:CAP[:DEPTH[:REACH[:MARGIN[:NEAR]]]] (pmr, lrr: T2 capped at exp(CAP) x the other block's,
+``t2_cap``; the cap lowers T2 by at most exp(-DEPTH), ``t2_cap_depth``; T1 and T2 raised towards
+the other block's by at most exp(REACH), ``pv_reach``, where both of its are above exp(MARGIN) x
+these, ``pv_margin``, next to CSF, ``pv_near_t2`` NEAR ms, 0: anywhere) or guard:MARGIN
+(``guard``). The default fit's own rule is pmr:0 for a long series and lrr:0:0.05:0.15:0.05:200
+for a short one.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ KEYS = ("T1 pure", "T2 pure", "T1 all", "T2 all", "T1 p99", "T2 p99")
 def rule_config(rule: str) -> tuple[str, lorein.FitConfig]:
     output, *rest = rule.split(":")
     if output in ("pmr", "lrr"):
-        knobs = dict(zip(("t2_cap", "t2_cap_depth", "pv_reach"), map(float, rest)))
+        knobs = dict(zip(("t2_cap", "t2_cap_depth", "pv_reach", "pv_margin", "pv_near_t2"),
+                         map(float, rest)))
         return output, lorein.FitConfig(**{"t2_cap": math.inf, "t2_cap_depth": math.inf, "pv_reach": 0.0,
                                            **knobs})
     return output, lorein.FitConfig(**({"guard": float(rest[0])} if rest else {}))
@@ -90,7 +93,7 @@ def main(argv=None):
                 results = {}
                 for rule in args.rules:
                     output, cfg = rule_config(rule)
-                    m = lorein.combine_maps(output, blocks["pmr"], blocks["lrr"], cfg)
+                    m = lorein.combine_maps(output, blocks["pmr"], blocks["lrr"], cfg, support)
                     results[rule] = recon.finish_maps(map_volumes(m, support, proto_.encodes_b1), support)
                 for method in args.baselines:
                     results[method] = recon.reconstruct(sim.scan, recon.ReconSettings(

@@ -203,7 +203,7 @@ def mrf_small(tmp_path_factory) -> RawCase:
 # qalas_small (the chain at its defaults) and mrf_tiny (the shipped chain through the real server).
 # Every limit is below what zero-filled matching and cg reach on that scan
 # (test_accuracy.py::test_chain_limits_fail_linear_maps checks it). Measured on one thread, seed 0:
-# qalas_small lorein T1 0.125, T2 0.158, PD 0.087; zerofill 0.188 / 0.215 / 0.158; cg (5 it) 0.269 /
+# qalas_small lorein T1 0.125, T2 0.159, PD 0.087; zerofill 0.188 / 0.215 / 0.158; cg (5 it) 0.269 /
 # 0.236 / 0.140; llr 0.139 / 0.184 / 0.136.
 # mrf_tiny (100 frames, R = 40, 16 x 16 x 8, 4 coils: a weak scan; at R = 50 the default's PD was
 # no better than zero-filled matching's, at R = 25 cg's T1 beat it) lorein T1 pure 0.318-0.351,

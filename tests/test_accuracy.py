@@ -9,7 +9,7 @@ voxels, whose truth is a PD-weighted mean with CSF that no single-compartment es
 (docs/design.md, Realistic scans); benchmarks/accuracy.py reports those columns too.
 Network fits move by a few hundredths with the seed and the float rounding, so methods are compared
 by their mean over the seeds, each fit on one thread (bit-identical for a given seed there).
-Measured means (seeds 0-1, one thread, AMD EPYC): lorein 0.124 / 0.172 / 0.082, llr 0.142 / 0.194 /
+Measured means (seeds 0-1, one thread, Intel Xeon): lorein 0.125 / 0.173 / 0.082, llr 0.142 / 0.194 /
 0.129, zerofill 0.188 / 0.198 / 0.154, cg 1.62 / 2.37 / 0.48. On single-tissue T2 the default leads
 llr and zero-filled matching by about 0.02 here, so T2 has no absolute limit below theirs;
 conftest.ACCURACY's limits (checked on the chain's maps) are below them on every map.

@@ -34,12 +34,12 @@ def test_accuracy_table_with_seeds(capsys):
 def test_output_rules_compare_rules_on_the_same_fit(capsys):
     rules = load("output_rules")
     rules.main(["--matrix", "12", "12", "8", "--coils", "3", "--cases", "qalas8", "--iterations", "4",
-                "--rules", "lrr", "lrr:0", "lrr:0:0.05", "lrr:0:0.05:0.15", "pmr", "pmr:0", "guard:0.7",
-                "--baselines", "zerofill"])
+                "--rules", "lrr", "lrr:0", "lrr:0:0.05", "lrr:0:0.05:0.15", "lrr:0:0.05:0.15:0.05:200", "pmr",
+                "pmr:0", "guard:0.7", "--baselines", "zerofill"])
     rows = {line.split("|")[3].strip(): [float(c) for c in line.split("|")[4:10]]
             for line in capsys.readouterr().out.splitlines() if line.startswith("| qalas8 | 30 |")}
-    assert list(rows) == ["lrr", "lrr:0", "lrr:0:0.05", "lrr:0:0.05:0.15", "pmr", "pmr:0", "guard:0.7",
-                          "zerofill"], rows
+    assert list(rows) == ["lrr", "lrr:0", "lrr:0:0.05", "lrr:0:0.05:0.15", "lrr:0:0.05:0.15:0.05:200", "pmr",
+                          "pmr:0", "guard:0.7", "zerofill"], rows
     assert rows["lrr:0"][1] == rows["pmr:0"][1]         # margin 0: the lower T2 of the same two blocks
     assert rows["lrr:0"][0] == rows["lrr"][0] and rows["pmr:0"][0] == rows["pmr"][0]   # T1 untouched
     assert rows["lrr:0:0.05"][0] == rows["lrr"][0]      # the depth bounds T2 alone; the raise moves T1

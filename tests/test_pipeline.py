@@ -360,8 +360,11 @@ def test_output_bounds(tiny):
     """Output pmr or lrr: that block's maps, bounded by the other block's, all from the same fit
     (``blocks`` receives both blocks' maps). T2 is at most exp(t2_cap) x the other's (0: the lower
     of the two; inf: off), lowered by at most exp(-t2_cap_depth); where the other's T1 and T2 are
-    both above exp(pv_margin) x these, both rise towards the other's by at most exp(pv_reach); PD
+    both above exp(pv_margin) x these and a voxel of the 3x3x3 neighbourhood has this block's T2
+    above pv_near_t2 (0: anywhere), both rise towards the other's by at most exp(pv_reach); PD
     is untouched. An unknown output is refused before fitting."""
+    from scipy.ndimage import maximum_filter
+
     from gadget_lorein.recon.lorein import fit as lorein
     from gadget_lorein.recon.lorein.model import map_volumes
     proto, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lorein", device="cpu"))
@@ -381,13 +384,17 @@ def test_output_bounds(tiny):
             want = torch.minimum(mine["T2"], torch.maximum(theirs["T2"] * math.exp(margin),
                                                            mine["T2"] * math.exp(-depth)))
             assert torch.allclose(capped["T2"], want), (output, margin, depth)
-        raised = fit(output=output, t2_cap=math.inf, pv_reach=0.15, pv_margin=0.1)
-        up = (theirs["T1"] > mine["T1"] * math.exp(0.1)) & (theirs["T2"] > mine["T2"] * math.exp(0.1)) & support
-        assert bool(up.any()) and bool((support & ~up).any()), output
-        for k in ("T1", "T2"):
-            want = torch.where(up, torch.minimum(theirs[k], mine[k] * math.exp(0.15)), mine[k])
-            assert torch.allclose(raised[k][support], want[support]), (output, k)
-        assert torch.equal(raised["PD"], mine["PD"])
+        higher = (theirs["T1"] > mine["T1"] * math.exp(0.1)) & (theirs["T2"] > mine["T2"] * math.exp(0.1))
+        near_t2 = float(mine["T2"][support].quantile(0.9))   # this tiny phantom has little CSF
+        near = torch.from_numpy(maximum_filter(mine["T2"].numpy(), size=3, mode="constant") > near_t2)
+        for gate, up in ((0.0, higher & support), (near_t2, higher & near & support)):
+            raised = fit(output=output, t2_cap=math.inf, pv_reach=0.15, pv_margin=0.1, pv_near_t2=gate)
+            assert bool(up.any()) and bool((support & ~up).any()), output
+            for k in ("T1", "T2"):
+                want = torch.where(up, torch.minimum(theirs[k], mine[k] * math.exp(0.15)), mine[k])
+                assert torch.allclose(raised[k][support], want[support]), (output, k, gate)
+            assert torch.equal(raised["PD"], mine["PD"])
+        assert bool((higher & support & ~near).any()), output       # the gate keeps some voxels as they are
     t2 = own["pmr"]["T2"][support], own["lrr"]["T2"][support]
     assert bool((t2[0] > t2[1]).any()) and bool((t2[1] > t2[0]).any())    # the cap acts both ways
     with pytest.raises(ValueError, match="unknown output 'lrr2'"):

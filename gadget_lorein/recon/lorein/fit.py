@@ -62,9 +62,12 @@ class FitConfig:
     t2_cap_depth: float = -1.0       # the cap lowers T2 by at most exp(-t2_cap_depth) (inf: no
     #                                  limit; <0: auto)
     pv_reach: float = -1.0           # lorein, output pmr or lrr: where the other block's T1 and T2 are
-    #                                  both above exp(pv_margin) x these, they move up towards the
-    #                                  other's by at most exp(pv_reach) (0: off; <0: auto)
-    pv_margin: float = 0.1
+    #                                  both above exp(pv_margin) x these, next to CSF (pv_near_t2),
+    #                                  they move up towards the other's by at most exp(pv_reach)
+    #                                  (0: off; <0: auto)
+    pv_margin: float = 0.05
+    pv_near_t2: float = 200.0        # "next to CSF": the output block's T2 exceeds this (ms) in a
+    #                                  voxel of the 3x3x3 neighbourhood (itself included); 0: anywhere
     patience: int = 40
     tol: float = 1e-4
     # held-out lines (the operator's ``held_out``, see recon's ``holdout``): their loss is checked
@@ -182,7 +185,8 @@ def series_defaults(n_frames: int) -> dict:
     PMR block reaches for the ends of its range in mixed voxels, so the maps come from the LRR
     block's coefficients, matched to the dictionary, and the LRR block carries a locally low-rank
     penalty (the llr baseline's prior on a network's output); PMR only nudges them (T2 down by at
-    most 5 %, T1 and T2 up by at most 15 % where both of PMR's are higher: ``combine_maps``). A
+    most 5 %, T1 and T2 up by at most 15 % next to CSF where both of PMR's are higher:
+    ``combine_maps``). A
     long series (MRF-type) encodes T1 and T2 well enough for the physics block, whose maps are the
     output; the penalty and the LRR output cost accuracy there, and PMR's T2 is capped by the LRR
     block's (``t2_cap`` 0, ``combine_maps``): next to the CSF it reaches for CSF-like values that
@@ -204,20 +208,34 @@ def default_iterations(n_frames: int) -> int:
 OUTPUTS = ("pmr", "lrr", "blend", "guard")
 
 
-def combine_maps(output: str, m: dict, ml: dict, cfg: FitConfig) -> dict:
+def near_csf(t2: torch.Tensor, support: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per support voxel: does a voxel of its 3x3x3 neighbourhood (itself included) have a T2
+    (per-voxel ``t2`` over ``support``) above ``threshold`` ms? Partial volume with CSF happens
+    only there; threshold 0: every voxel."""
+    if threshold <= 0:
+        return torch.ones_like(t2, dtype=torch.bool)
+    vol = torch.zeros(support.shape, dtype=t2.dtype, device=t2.device)
+    vol[support] = t2
+    near = torch.nn.functional.max_pool3d(vol[None, None], 3, stride=1, padding=1)[0, 0]
+    return near[support] > threshold
+
+
+def combine_maps(output: str, m: dict, ml: dict, cfg: FitConfig, support: torch.Tensor) -> dict:
     """The maps of a lorein fit from PMR's per-voxel maps ``m`` and the LRR block's matched ones
-    ``ml``, by ``output`` and FitConfig's (resolved) ``pv_reach``, ``pv_margin``, ``t2_cap`` and
-    ``t2_cap_depth``. For output pmr or lrr, that block's maps, then: where the other block's T1
-    and T2 are both above these by more than exp(pv_margin) (partial volume with CSF, the one
-    compartment long in both), both move up towards the other's by at most exp(pv_reach); T2 is
-    at most exp(t2_cap) x the other block's, lowered by at most exp(-t2_cap_depth)
-    (docs/design.md, "Output: one block's maps, bounded by the other's")."""
+    ``ml`` (both over ``support``), by ``output`` and FitConfig's (resolved) ``pv_reach``,
+    ``pv_margin``, ``pv_near_t2``, ``t2_cap`` and ``t2_cap_depth``. For output pmr or lrr, that
+    block's maps, then: where the other block's T1 and T2 are both above these by more than
+    exp(pv_margin) and the voxel is next to CSF (``near_csf`` on this block's T2: partial volume
+    with CSF, the one compartment long in both), both move up towards the other's by at most
+    exp(pv_reach); T2 is at most exp(t2_cap) x the other block's, lowered by at most
+    exp(-t2_cap_depth) (docs/design.md, "Output: one block's maps, bounded by the other's")."""
     if output in ("pmr", "lrr"):
         base, other = (m, ml) if output == "pmr" else (ml, m)
         out = dict(base)
         o1, o2 = (other[k].to(base[k].dtype) for k in ("t1", "t2"))
         if cfg.pv_reach > 0:
             up = (o1 > base["t1"] * math.exp(cfg.pv_margin)) & (o2 > base["t2"] * math.exp(cfg.pv_margin))
+            up &= near_csf(base["t2"], support, cfg.pv_near_t2)
             for k, o in (("t1", o1), ("t2", o2)):
                 out[k] = torch.where(up, torch.minimum(o, base[k] * math.exp(cfg.pv_reach)), base[k])
             log.info("lorein: T1 and T2 of %d of %d voxels raised towards the other block's",
@@ -399,7 +417,7 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
             ml = sub.match(lrr())
             if blocks is not None:
                 blocks.update(pmr=m, lrr=ml)
-            m = combine_maps(output, m, ml, cfg)
+            m = combine_maps(output, m, ml, cfg, support)
         maps = map_volumes(m, support, encodes_b1)
     info = dict(iterations=len(history), final_loss=history[-1] if history else None,
                 fit_seconds=time.perf_counter() - t0, voxels=int(support.sum()))
