@@ -20,6 +20,7 @@ high-water mark reset before it (Linux; elsewhere the process's peak so far).
     python benchmarks/accuracy.py --ideal                  # the idealised simulation (inverse crime)
     python benchmarks/accuracy.py --cases qalas8 --snr 30 --seeds 1 --methods zerofill llr
     python benchmarks/accuracy.py --set coil_refine=0      # any reconstruction setting (ablation)
+    python benchmarks/accuracy.py --cases qalas8 qalas16 --pattern shared   # one pattern for all contrasts
 
 ``--ideal`` simulates on the reconstruction grid with its own model, noise ``--noise`` x the
 largest image magnitude (0.005; no SNR column), qalas without a transmit field unless
@@ -135,6 +136,9 @@ def parse_args(argv):
     ap.add_argument("--noise", type=float, default=0.005, help="--ideal: noise level (default 0.005)")
     ap.add_argument("--b1-mismatch", action="store_true",
                     help="--ideal: qalas with the phantom's transmit field, which its model lacks")
+    ap.add_argument("--pattern", type=lambda t: t.replace("-", "_"), choices=("shared", "per_frame"),
+                    help="realistic scans: one sampling pattern for every frame, or a new draw per "
+                         "frame (default: the simulator's, per frame)")
     ap.add_argument("--mrf-frames", type=int, default=0, help="override the MRF train length")
     ap.add_argument("--iterations", type=int, default=0)
     ap.add_argument("--device", default="auto")
@@ -153,6 +157,8 @@ def parse_args(argv):
         args.snr = [None]
     elif args.b1_mismatch:
         ap.error("--b1-mismatch is for --ideal: the realistic scans always have a transmit field")
+    if args.ideal and args.pattern:
+        ap.error("--pattern is for the realistic scans")
     args.overrides = {}
     for item in args.settings:
         key, eq, val = item.partition("=")
@@ -184,7 +190,7 @@ def run_case(args, seq, R, snr, seed, methods, dev):
     if seq == "mrf" and args.mrf_frames:
         proto = proto.with_overrides(n_tr=args.mrf_frames)
     kw = (dict(mode="ideal", noise=args.noise, b1_mismatch=args.b1_mismatch) if args.ideal
-          else dict(mode="realistic", snr=snr))
+          else dict(mode="realistic", snr=snr, pattern=args.pattern))
     sim = simulate.simulate(proto, matrix=args.matrix, n_coils=args.coils, accel=R, seed=seed, **kw)
     truth = sim.truth()
     out = {}
@@ -217,7 +223,8 @@ def main(argv=None):
     dev = recon.resolve_device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     sim_text = (f"ideal simulation, noise {args.noise}" + ("; B1 mismatch: the scan has the phantom's "
-                "transmit field" if args.b1_mismatch else "") if args.ideal else "realistic simulation")
+                "transmit field" if args.b1_mismatch else "") if args.ideal else "realistic simulation"
+                + (f", {args.pattern} sampling pattern" if args.pattern else ""))
     print(f"# accuracy: {sim_text}, matrix {args.matrix}, {args.coils} coils, device {dev} ({name}), "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
           + (f"mean +- sd over seeds {seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else f"seed {seeds[0]}")

@@ -94,6 +94,21 @@ def test_accuracy_ideal_and_b1_mismatch_are_named_in_the_header(capsys):
     assert "--ideal" in capsys.readouterr().err
 
 
+def test_accuracy_shared_pattern_is_simulated_and_named(capsys, monkeypatch):
+    acc = load("accuracy")
+    seen = []
+    real = acc.simulate.simulate
+    monkeypatch.setattr(acc.simulate, "simulate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    acc.main(["--matrix", "16", "16", "12", "--coils", "4", "--cases", "qalas8", "--snr", "30",
+              "--seeds", "1", "--methods", "zerofill", "--pattern", "shared"])
+    out = capsys.readouterr().out
+    assert "shared sampling pattern" in out.splitlines()[0] and "| qalas8 | 30 | zerofill |" in out
+    assert seen and seen[0]["pattern"] == "shared" and seen[0]["mode"] == "realistic"
+    with pytest.raises(SystemExit):
+        acc.main(["--ideal", "--pattern", "shared"])
+    assert "realistic" in capsys.readouterr().err
+
+
 def test_accuracy_cases_defaults_and_bart(capsys):
     acc = load("accuracy")
     a = acc.parse_args([])
