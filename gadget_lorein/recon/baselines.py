@@ -50,7 +50,10 @@ def cg_recon(op: SubspaceOperator, iters: int = 30, lam_rel: float = 1e-3, progr
     return cg_solve(op, op.adjoint_data(), lam, iters, progress=progress)
 
 
-def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+LLR_LAM_REL = 0.01      # the llr baseline's lambda, relative to llr_lambda's scale
+
+
+def block_matrices(x: torch.Tensor, block: int) -> torch.Tensor:
     """(K, nz, ny, nx) -> (n_blocks, block^3, K), zero-padded to whole blocks."""
     K, nz, ny, nx = x.shape
     pz, py, px = (-nz) % block, (-ny) % block, (-nx) % block
@@ -64,7 +67,7 @@ def _llr_prox(x: torch.Tensor, thresh: float, block: int, shift) -> torch.Tensor
     """Singular-value soft thresholding of (block^3 voxels x K) matrices on a shifted block grid."""
     K, nz, ny, nx = x.shape
     x = torch.roll(x, shifts=shift, dims=(1, 2, 3))
-    blocks = _blocks(x, block)
+    blocks = block_matrices(x, block)
     Z, Y, X = (-(-n // block) * block for n in (nz, ny, nx))
     u, s, vh = torch.linalg.svd(blocks, full_matrices=False)
     s = torch.clamp(s - thresh, min=0)
@@ -75,20 +78,27 @@ def _llr_prox(x: torch.Tensor, thresh: float, block: int, shift) -> torch.Tensor
     return torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
 
 
-def llr_recon(op: SubspaceOperator, iters: int = 80, lam_rel: float = 0.01, block: int = 6,
+def llr_lambda(op: SubspaceOperator, block: int, lam_rel: float = LLR_LAM_REL) -> float:
+    """The locally low-rank weight lam: ``lam_rel`` x the 90th percentile of the blocks' leading
+    singular values in the zero-filled estimate x the mean sampling density (the scale of A^H A),
+    so that it is independent of the data scale, the sampling density and the number of frames.
+    Shared by llr_recon and the LoREIN fit's low-rank penalty."""
+    with torch.no_grad():
+        blocks = block_matrices(zero_filled(op), block)
+        s_ref = float(torch.linalg.svdvals(blocks)[:, 0].quantile(0.9))
+    return lam_rel * s_ref * op.mean_density
+
+
+def llr_recon(op: SubspaceOperator, iters: int = 80, lam_rel: float = LLR_LAM_REL, block: int = 6,
               seed: int = 0, progress=None):
-    """FISTA on ||A X - y||^2/2 + lam sum_blocks ||X_block||_* with random block shifts. lam is
-    ``lam_rel`` x the 90th percentile of the blocks' leading singular values in the zero-filled
-    estimate x the mean sampling density (the scale of A^H A), so it is independent of the data
-    scale, the sampling density and the number of frames."""
+    """FISTA on ||A X - y||^2/2 + lam sum_blocks ||X_block||_* with random block shifts, lam from
+    :func:`llr_lambda`."""
     L = op.max_eig()
     rhs = op.adjoint_data()
     x = torch.zeros_like(rhs)
     z = x.clone()
     t = 1.0
-    blocks = _blocks(zero_filled(op), block)
-    s_ref = float(torch.linalg.svdvals(blocks)[:, 0].quantile(0.9))
-    thresh = lam_rel * s_ref * op.mean_density / L       # lam / L, with lam commensurate with A^H A ~ density
+    thresh = llr_lambda(op, block, lam_rel) / L
     g = torch.Generator().manual_seed(seed)
     for it in range(iters):
         grad = op.normal(z) - rhs

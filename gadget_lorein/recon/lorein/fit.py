@@ -345,16 +345,13 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
 
     llr_lam, llr_gen = 0.0, torch.Generator().manual_seed(seed + 3)
     if use_lrr and llr_weight:
-        with torch.no_grad():
-            zf = baselines._blocks(baselines.zero_filled(op), cfg.llr_block)
-            s_ref = float(torch.linalg.svdvals(zf)[:, 0].quantile(0.9))
         # the llr baseline minimises ||Ax-y||^2/2 + lam sum ||X_b||_*; data_loss is ||Ax-y||^2
-        llr_lam = 2 * llr_weight * 0.01 * s_ref * density
+        llr_lam = 2 * llr_weight * baselines.llr_lambda(op, cfg.llr_block)
 
     def llr_penalty(x_vox):
         vol = scatter(x_vox, support)
         shift = tuple(int(v) for v in torch.randint(0, cfg.llr_block, (3,), generator=llr_gen))
-        blocks = baselines._blocks(torch.roll(vol, shifts=shift, dims=(1, 2, 3)), cfg.llr_block)
+        blocks = baselines.block_matrices(torch.roll(vol, shifts=shift, dims=(1, 2, 3)), cfg.llr_block)
         return torch.linalg.svdvals(blocks).sum()
 
     rule = HeldOutRule(cfg.holdout_tol, cfg.holdout_patience)
