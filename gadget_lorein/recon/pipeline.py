@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from . import baselines, calibration, confidence
 
@@ -27,6 +28,7 @@ class ReconError(ValueError):
 @dataclass
 class ReconResult:
     maps: Maps                     # T1, T2 [ms], PD [a.u.], B1 where encoded; mask = the support
+    #                                less its ringing islands (ringing_islands)
     timings: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     subspace: SubspaceModel | None = None   # the temporal subspace the maps were fitted in (CPU)
@@ -34,7 +36,8 @@ class ReconResult:
 
     @property
     def support(self) -> np.ndarray:
-        """(nz, ny, nx) bool: the object support the maps were fitted in (``maps.mask``)."""
+        """(nz, ny, nx) bool: the object support the maps were fitted in, less its ringing islands
+        (``maps.mask``)."""
         return self.maps.mask
 
 
@@ -129,7 +132,9 @@ def prepare(scan: Scan, settings: ReconSettings, timings: dict | None = None,
         except calibration.CalibrationError as err:
             raise ReconError(str(err)) from None
         low = np.sqrt((np.abs(ifftnc(torch.from_numpy(calib)).numpy()) ** 2).sum(0))
-        support = low > settings.support_threshold * np.percentile(low, 99)
+        threshold = settings.support_threshold * np.percentile(low, 99)
+        support = low > threshold
+        islands = ringing_islands(low, support, threshold)
     ref = getattr(scan, "reference_only", None)
     if ref is not None and np.any(ref):       # reference-only calibration lines: coil maps only
         lines = lines.select(~np.asarray(ref, bool))
@@ -146,7 +151,8 @@ def prepare(scan: Scan, settings: ReconSettings, timings: dict | None = None,
     info = dict(protocol=proto.name, rank=sub.rank, energy=sub.energy, device=str(dev),
                 coils=lines.n_coils, frames=lines.n_frames, lines=len(measured.frame),
                 acceleration=measured.acceleration(), settings=asdict(settings), noise_var=noise_var,
-                _frame_fraction=np.bincount(lines.frame, minlength=lines.n_frames) / (lines.nz * lines.ny))
+                _frame_fraction=np.bincount(lines.frame, minlength=lines.n_frames) / (lines.nz * lines.ny),
+                _islands=islands)
     return proto, sub.to(dev), op, torch.from_numpy(support).to(dev), info
 
 
@@ -240,7 +246,7 @@ def _reconstruct(scan: Scan, settings: ReconSettings, progress=None, protocol=No
             else:
                 x = baselines.llr_recon(op, iters=it or 80)
             maps = match_maps(sub, x, support, proto.encodes_b1)
-    sup_np = support.cpu().numpy()
+    sup_np = support.cpu().numpy() & ~info.pop("_islands")     # the maps' mask
     gain = data_scale(op, sub, maps, support)
     info["data_scale"] = gain
     noise = confidence.NoiseModel(
@@ -248,7 +254,23 @@ def _reconstruct(scan: Scan, settings: ReconSettings, progress=None, protocol=No
         noise_var=info["noise_var"],
         pd_scale=gain * pd_reference(maps["PD"].detach().cpu().numpy(), sup_np))
     info["method"] = settings.method
-    return ReconResult(finish_maps(maps, support), timings, info, subspace=sub.to("cpu"), noise=noise)
+    return ReconResult(finish_maps(maps, torch.from_numpy(sup_np)), timings, info, subspace=sub.to("cpu"),
+                       noise=noise)
+
+
+def ringing_islands(low: np.ndarray, support: np.ndarray, threshold: float,
+                    factor: float = 3.0) -> np.ndarray:
+    """The parts of the support that are ringing, not object: connected components (face-connected)
+    of the low-resolution image above ``threshold`` whose brightest voxel stays below ``factor`` x
+    the threshold (and below half the image's maximum). Side lobes of the truncated calibration
+    image outside the head are such islands; an object, however small, is brighter inside. The fit
+    runs in the whole support; the maps are zero in the islands."""
+    labels, n = ndimage.label(support)
+    if n == 0:
+        return np.zeros_like(support, dtype=bool)
+    peaks = np.asarray(ndimage.maximum(low, labels, index=np.arange(1, n + 1)))
+    faint = np.concatenate([[False], peaks < min(factor * threshold, 0.5 * float(low.max()))])
+    return faint[labels]
 
 
 def data_scale(op: SubspaceOperator, sub: SubspaceModel, maps: dict, support: torch.Tensor) -> float:
@@ -295,6 +317,6 @@ def finish_maps(maps: dict, support: torch.Tensor) -> Maps:
     returned (PD normalised, zero outside the support, which becomes the mask)."""
     sup = support.cpu().numpy()
     out = {k: v.detach().cpu().numpy() for k, v in maps.items()}
-    out = {k: (normalise_pd(v, sup) if k == "PD" else np.where(sup, v.real, 0).astype(np.float32))
+    out = {k: np.where(sup, normalise_pd(v, sup) if k == "PD" else v.real, 0).astype(np.float32)
            for k, v in out.items()}
     return Maps.from_dict(out, sup)
