@@ -60,7 +60,7 @@ from gadget_lorein.physics import protocol
 
 from gadget_lorein.recon import pipeline as recon
 
-from gadget_lorein.sim import simulate
+from gadget_lorein.sim import sampling, simulate
 
 METHODS = ["zerofill", "cg", "llr", "lrr", "pmr", "lorein"]
 DEFAULT_CASES = ["qalas8", "qalas16", "qalas48", "mrf200"]
@@ -136,7 +136,7 @@ def parse_args(argv):
     ap.add_argument("--noise", type=float, default=0.005, help="--ideal: noise level (default 0.005)")
     ap.add_argument("--b1-mismatch", action="store_true",
                     help="--ideal: qalas with the phantom's transmit field, which its model lacks")
-    ap.add_argument("--pattern", type=lambda t: t.replace("-", "_"), choices=("shared", "per_frame"),
+    ap.add_argument("--pattern", type=lambda t: t.replace("-", "_"), choices=sampling.PATTERNS,
                     help="realistic scans: one sampling pattern for every frame, or a new draw per "
                          "frame (default: the simulator's, per frame)")
     ap.add_argument("--mrf-frames", type=int, default=0, help="override the MRF train length")

@@ -28,6 +28,7 @@ from . import __version__
 
 from . import runner
 from .sim.files import DEFAULT_ACCEL, DEFAULT_NOISE, DEFAULT_SNR, MATRIX_MAX, MATRIX_MIN, SEQUENCES
+from .sim.sampling import PATTERNS
 from .usage import UsageError
 
 PROG = "lorein"
@@ -133,7 +134,7 @@ def _add_simulation_arguments(p, matrix_default, accel_help) -> None:
     p.add_argument("--noise", type=_float_range(0.0, what="a noise level"),
                    help=f"--ideal: noise standard deviation relative to the largest image magnitude "
                         f"(default {DEFAULT_NOISE:g})")
-    p.add_argument("--pattern", type=lambda t: t.replace("-", "_"), choices=("shared", "per_frame"),
+    p.add_argument("--pattern", type=lambda t: t.replace("-", "_"), choices=PATTERNS,
                    help="one sampling pattern for every frame, or a new variable-density draw per frame "
                         "(default per-frame, as accelerated subspace scans vary the encodes between "
                         "contrasts)")
