@@ -75,7 +75,7 @@ def coefficients(scan, sub, lam: float = LAMBDA, iters: int = ITERS, workdir=Non
     if scan.noise is not None and scan.noise.size:
         lines = calibration.apply_coil_matrix(lines, calibration.whitening_matrix(scan.noise))
     basis = sub.basis.cpu().numpy().astype(np.complex64)           # (T, K)
-    calib = calibration.calibration_kspace(lines, basis)            # (coils, nz, ny, nx)
+    calib = calibration.calibration_kspace(lines, basis, sub.coefficient_covariance())  # (coils, nz, ny, nx)
     with tempfile.TemporaryDirectory(dir=workdir) as d:
         write_cfl(os.path.join(d, "ksp"), kspace_cfl(lines))
         write_cfl(os.path.join(d, "basis"), basis.reshape((1,) * 5 + basis.shape))

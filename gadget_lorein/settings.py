@@ -176,8 +176,8 @@ SETTINGS: tuple[Setting, ...] = (
        "to choose when to stop (0: every line fitted, the last step's maps)", low=0.0, high=0.5,
        high_open=True),
     _s("support_threshold", float, 0.08, "object support: low-resolution image above this fraction "
-       "of its 99th percentile; maps are 0 outside, and in its ringing islands (parts whose peak "
-       "stays under 3x this)", low=0.0, high=1.0, high_open=True),
+       "of its 99th percentile (raised over a bright background, docs/design.md); maps are 0 "
+       "outside, and in its ringing islands (parts whose peak stays under 3x this)", low=0.0, high=1.0, high_open=True),
     _s("output", str, "maps", "maps: the parameter maps; maps+coefficients: also the K subspace "
        "coefficient images (series 101, 102, ...)", scope="node", choices=("maps", "maps+coefficients")),
     _s("images_2d", bool, False, "one 2D image per partition and map instead of one 3D image per map",

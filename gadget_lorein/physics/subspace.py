@@ -106,6 +106,13 @@ class SubspaceModel:
         k = self.rank
         return torch.complex(out[:k], out[k:]).T.reshape(*shape, k)
 
+    def coefficient_covariance(self) -> np.ndarray:
+        """E[c c^H] (K x K, complex128) over the valid atoms (T2 <= T1) for unit PD: the prior of
+        the calibration's minimum-mean-square estimate where a location has too few frames."""
+        B, T2, T1 = np.meshgrid(self.b1, self.t2, self.t1, indexing="ij")
+        atoms = self.table.reshape(-1, self.rank).cpu().numpy()[(T2 <= T1).ravel()].astype(np.complex128)
+        return atoms.T @ atoms.conj() / len(atoms)
+
     # -- dictionary matching -----------------------------------------------------------------
     def match(self, coeffs: torch.Tensor, chunk: int = 4096) -> dict[str, torch.Tensor]:
         """Best atom for each row of ``coeffs`` (V x K): returns t1, t2, b1 (float) and pd (complex)."""

@@ -36,23 +36,46 @@ def apply_coil_matrix(lines: KSpaceLines, mat: np.ndarray) -> KSpaceLines:
                        lines.nz, lines.ny)
 
 
-def calibration_kspace(lines: KSpaceLines, basis: np.ndarray) -> np.ndarray:
+def calibration_kspace(lines: KSpaceLines, basis: np.ndarray, prior: np.ndarray | None = None,
+                       prior_floor: float = 0.1) -> np.ndarray:
     """Consistent calibration k-space (coils, nz, ny, nx) of the first subspace coefficient.
 
     Frames have different contrasts (QALAS even changes sign), so averaging them would mix
-    inconsistent images. At each calibration location the first coefficient is the least-squares
-    fit over whatever frames sampled it: sum_t conj(u_t0) y_t / sum_t |u_t0|^2. Zeros elsewhere."""
-    sel = lines.calib
-    if not np.any(sel):
+    inconsistent images. Where every frame sampled a calibration location, the first coefficient
+    is the least-squares fit sum_t conj(u_t0) y_t / sum_t |u_t0|^2 (exact: U's columns are
+    orthonormal). Where only some did (a block shared out among the frames, as for MRF), that fit
+    divides by a few u_t0, some near zero, and the other coefficients leak in at random from
+    location to location: on the MRF scans the image's floor outside the head reached 0.1-0.4 of
+    its 99th percentile. There, given ``prior`` (K x K, E[c c^H] of the dictionary's coefficients),
+    the linear minimum-mean-square estimate from the location's frames S is used instead:
+    e_0^T C U_S^H (U_S C U_S^H + prior_floor * mean diag I)^-1 y_S, the floor standing for noise
+    and model error. Zeros where nothing was sampled."""
+    sel = np.flatnonzero(lines.calib)
+    if not sel.size:
         raise CalibrationError("no calibration lines (ACQ_IS_PARALLEL_CALIBRATION*) in the scan")
+    nl = lines.nz * lines.ny
+    loc = lines.kz[sel] * lines.ny + lines.ky[sel]
     u0 = basis[:, 0]
     w = np.conj(u0[lines.frame[sel]])
-    loc = lines.kz[sel] * lines.ny + lines.ky[sel]
-    num = np.zeros((lines.nz * lines.ny, lines.n_coils, lines.nx), np.complex64)
+    num = np.zeros((nl, lines.n_coils, lines.nx), np.complex64)
     np.add.at(num, loc, w[:, None, None] * lines.data[sel])
-    den = np.zeros(lines.nz * lines.ny)
+    den = np.zeros(nl)
     np.add.at(den, loc, np.abs(w) ** 2)
     num[den > 0] /= den[den > 0][:, None, None]
+    if prior is not None:
+        frames = np.zeros((nl, basis.shape[0]), bool)
+        frames[loc, lines.frame[sel]] = True
+        partial = np.flatnonzero((den > 0) & ~frames.all(1))
+        if partial.size:
+            order = np.argsort(loc, kind="stable")
+            bounds = np.searchsorted(loc[order], np.stack([partial, partial + 1]))
+            for where, a, b in zip(partial, *bounds):
+                rows = sel[order[a:b]]
+                u = basis[lines.frame[rows]]                        # (s, K)
+                gram = u @ prior @ u.conj().T
+                gram += prior_floor * np.trace(gram).real / len(rows) * np.eye(len(rows))
+                weights = np.linalg.solve(gram.T, (prior @ u.conj().T)[0])
+                num[where] = np.einsum("s,scx->cx", weights, lines.data[rows])
     return np.moveaxis(num.reshape(lines.nz, lines.ny, lines.n_coils, lines.nx), 2, 0)
 
 

@@ -122,7 +122,7 @@ def prepare(scan: Scan, settings: ReconSettings, timings: dict | None = None,
     with stage("coil_maps"):
         basis = sub.basis.numpy()
         try:
-            calib = calibration.calibration_kspace(lines, basis)
+            calib = calibration.calibration_kspace(lines, basis, sub.coefficient_covariance())
             maps = calibration.coil_maps(calib, settings.coil_maps, white)
             if settings.virtual_coils:
                 cc = calibration.coil_compression(calib, settings.virtual_coils)
@@ -132,8 +132,7 @@ def prepare(scan: Scan, settings: ReconSettings, timings: dict | None = None,
         except calibration.CalibrationError as err:
             raise ReconError(str(err)) from None
         low = np.sqrt((np.abs(ifftnc(torch.from_numpy(calib)).numpy()) ** 2).sum(0))
-        threshold = settings.support_threshold * np.percentile(low, 99)
-        support = low > threshold
+        support, threshold = object_support(low, settings.support_threshold)
         islands = ringing_islands(low, support, threshold)
     ref = getattr(scan, "reference_only", None)
     if ref is not None and np.any(ref):       # reference-only calibration lines: coil maps only
@@ -256,6 +255,33 @@ def _reconstruct(scan: Scan, settings: ReconSettings, progress=None, protocol=No
     info["method"] = settings.method
     return ReconResult(finish_maps(maps, torch.from_numpy(sup_np)), timings, info, subspace=sub.to("cpu"),
                        noise=noise)
+
+
+def object_support(low: np.ndarray, fraction: float, background_factor: float = 2.5,
+                   cap: float = 0.3, edge: int = 2) -> tuple[np.ndarray, float]:
+    """(support, threshold): the low-resolution image above ``fraction`` of its 99th percentile
+    (the threshold), unless the background is brighter than that allows. The background's level is
+    the 25th percentile over the box's outer ``edge`` voxels (mostly outside a head even where the
+    neck leaves the box). Where ``background_factor`` x that level (at most ``cap`` x the 99th
+    percentile) exceeds the threshold, as when a calibration block shared out among the frames
+    leaves a floor of noise and leaked contrast, the support is the voxels above that raised level
+    grown by one voxel into those above the threshold."""
+    p99 = float(np.percentile(low, 99))
+    threshold = fraction * p99
+    support = low > threshold
+    w = min(edge, min(low.shape) // 4)
+    if w < 1:
+        return support, threshold
+    rim = np.ones(low.shape, bool)
+    rim[w:-w, w:-w, w:-w] = False
+    background = float(np.percentile(low[rim], 25))
+    raised = min(background_factor * background, cap * p99)
+    if raised > threshold:
+        support = ndimage.binary_dilation(low > raised) & support
+        log.info("support: background at %.3f of the 99th percentile; threshold raised from %.3f "
+                 "to %.3f (%d voxels)", background / p99, fraction, raised / p99,
+                 int(support.sum()))
+    return support, threshold
 
 
 def ringing_islands(low: np.ndarray, support: np.ndarray, threshold: float,
