@@ -106,19 +106,23 @@ class SubspaceModel:
         k = self.rank
         return torch.complex(out[:k], out[k:]).T.reshape(*shape, k)
 
+    def _grid(self):
+        """(T1, T2, B1) of every table entry in the table's order, and the valid atoms (T2 <= T1)."""
+        B, T2, T1 = (a.ravel() for a in np.meshgrid(self.b1, self.t2, self.t1, indexing="ij"))
+        return T1, T2, B, T2 <= T1
+
     def coefficient_covariance(self) -> np.ndarray:
-        """E[c c^H] (K x K, complex128) over the valid atoms (T2 <= T1) for unit PD: the prior of
-        the calibration's minimum-mean-square estimate where a location has too few frames."""
-        B, T2, T1 = np.meshgrid(self.b1, self.t2, self.t1, indexing="ij")
-        atoms = self.table.reshape(-1, self.rank).cpu().numpy()[(T2 <= T1).ravel()].astype(np.complex128)
+        """E[c c^H] (K x K, complex128) over the valid atoms for unit PD: the prior of the
+        calibration's minimum-mean-square estimate where a location has too few frames."""
+        valid = self._grid()[3]
+        atoms = self.table.reshape(-1, self.rank).cpu().numpy()[valid].astype(np.complex128)
         return atoms.T @ atoms.conj() / len(atoms)
 
     # -- dictionary matching -----------------------------------------------------------------
     def match(self, coeffs: torch.Tensor, chunk: int = 4096) -> dict[str, torch.Tensor]:
         """Best atom for each row of ``coeffs`` (V x K): returns t1, t2, b1 (float) and pd (complex)."""
-        B, T2, T1 = np.meshgrid(self.b1, self.t2, self.t1, indexing="ij")
-        valid = torch.from_numpy((T2 <= T1).ravel())
-        atoms = self.table.reshape(-1, self.rank)[valid.to(self.table.device)]
+        T1, T2, B, valid = self._grid()
+        atoms = self.table.reshape(-1, self.rank)[torch.from_numpy(valid).to(self.table.device)]
         norms = atoms.norm(dim=-1).clamp_min(1e-12)
         unit = (atoms / norms[:, None]).conj().T   # K x N
         idx, inner = [], []
@@ -129,7 +133,7 @@ class SubspaceModel:
             idx.append(j)
             inner.append(c.gather(1, j[:, None])[:, 0])
         j = torch.cat(idx)
-        par = [torch.from_numpy(a.ravel()[valid.numpy()]).float().to(j.device) for a in (T1, T2, B)]
+        par = [torch.from_numpy(a[valid]).float().to(j.device) for a in (T1, T2, B)]
         return dict(t1=par[0][j], t2=par[1][j], b1=par[2][j], pd=torch.cat(inner) / norms[j])
 
 

@@ -72,9 +72,10 @@ def calibration_kspace(lines: KSpaceLines, basis: np.ndarray, prior: np.ndarray 
             for where, a, b in zip(partial, *bounds):
                 rows = sel[order[a:b]]
                 u = basis[lines.frame[rows]]                        # (s, K)
-                gram = u @ prior @ u.conj().T
+                cu = prior @ u.conj().T                             # (K, s): C U_S^H
+                gram = u @ cu
                 gram += prior_floor * np.trace(gram).real / len(rows) * np.eye(len(rows))
-                weights = np.linalg.solve(gram.T, (prior @ u.conj().T)[0])
+                weights = np.linalg.solve(gram.T, cu[0])
                 num[where] = np.einsum("s,scx->cx", weights, lines.data[rows])
     return np.moveaxis(num.reshape(lines.nz, lines.ny, lines.n_coils, lines.nx), 2, 0)
 
