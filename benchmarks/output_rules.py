@@ -10,12 +10,13 @@ the rule. Prints one JSON line per scan and rule and a table of means.
     python benchmarks/output_rules.py --cases mrf100 --matrix 24 24 16 --protocol n_tr=100 epg_states=32
 
 A rule is OUTPUT (pmr, lrr: that block's maps as they are) or
-OUTPUT:CAP[:DEPTH[:REACH[:MARGIN[:NEAR]]]] (pmr, lrr: T2 capped at exp(CAP) x the other block's,
-``t2_cap``; the cap lowers T2 by at most exp(-DEPTH), ``t2_cap_depth``; T1 and T2 raised towards
-the other block's by at most exp(REACH), ``pv_reach``, where both of its are above exp(MARGIN) x
-these, ``pv_margin``, next to CSF, ``pv_near_t2`` NEAR ms, 0: anywhere) or guard:MARGIN
-(``guard``). The default fit's own rule is pmr:0 for a long series and lrr:0:0.05:0.15:0.05:200
-for a short one.
+OUTPUT:CAP[:DEPTH[:REACH[:MARGIN[:NEAR[:MARGIN_T2]]]]] (pmr, lrr: T2 capped at exp(CAP) x the
+other block's, ``t2_cap``; the cap lowers T2 by at most exp(-DEPTH), ``t2_cap_depth``; T1 and T2
+raised towards the other block's by at most exp(REACH), ``pv_reach``, where its T1 is above
+exp(MARGIN) x this block's (``pv_margin``, default 0.05) and its T2 above exp(MARGIN_T2) x
+(``pv_margin_t2``, default MARGIN), next to CSF, ``pv_near_t2`` NEAR ms, 0: anywhere) or
+guard:MARGIN (``guard``). The default fit's own rule is pmr:0:inf:inf:0.4:200:1 for a long series
+and lrr:0:0.05:0.15:0.05:200 for a short one.
 """
 from __future__ import annotations
 
@@ -47,8 +48,10 @@ KEYS = ("T1 pure", "T2 pure", "T1 all", "T2 all", "T1 p99", "T2 p99")
 def rule_config(rule: str) -> tuple[str, lorein.FitConfig]:
     output, *rest = rule.split(":")
     if output in ("pmr", "lrr"):
-        knobs = dict(zip(("t2_cap", "t2_cap_depth", "pv_reach", "pv_margin", "pv_near_t2"),
+        knobs = dict(zip(("t2_cap", "t2_cap_depth", "pv_reach", "pv_margin", "pv_near_t2", "pv_margin_t2"),
                          map(float, rest)))
+        knobs.setdefault("pv_margin", 0.05)
+        knobs.setdefault("pv_margin_t2", knobs["pv_margin"])
         return output, lorein.FitConfig(**{"t2_cap": math.inf, "t2_cap_depth": math.inf, "pv_reach": 0.0,
                                            **knobs})
     return output, lorein.FitConfig(**({"guard": float(rest[0])} if rest else {}))

@@ -332,13 +332,15 @@ def test_without_the_coupling_lorein_maps_are_pmr_maps(tiny):
 def test_series_defaults(tiny):
     """"auto" output and LLR weight follow the series length: a short series (qalas-type) takes the
     maps from the LRR block under the locally low-rank penalty, nudged by PMR's (test_output_bounds),
-    a long one (MRF-type) from PMR with its T2 capped by the LRR block's; auto gives exactly the
+    a long one (MRF-type) from PMR with its T2 bounded by the LRR block's; auto gives exactly the
     explicit settings, and the penalty changes the maps."""
     from gadget_lorein.recon.lorein import fit as lorein
-    short = dict(output="lrr", llr_weight=2.0, t2_cap=0.0, t2_cap_depth=0.05, pv_reach=0.15)
+    short = dict(output="lrr", llr_weight=2.0, t2_cap=0.0, t2_cap_depth=0.05, pv_reach=0.15,
+                 pv_margin=0.05, pv_margin_t2=0.05)
     assert lorein.series_defaults(5) == short
     assert lorein.series_defaults(lorein.SHORT_SERIES + 1) == dict(
-        output="pmr", llr_weight=0.0, t2_cap=0.0, t2_cap_depth=math.inf, pv_reach=0.0)
+        output="pmr", llr_weight=0.0, t2_cap=0.0, t2_cap_depth=math.inf, pv_reach=math.inf,
+        pv_margin=0.4, pv_margin_t2=1.0)
     proto, sub, op, support, _ = recon.prepare(tiny.scan, recon.ReconSettings(method="lorein", device="cpu"))
     assert sub.basis.shape[0] <= lorein.SHORT_SERIES
     fit = lambda **kw: lorein.fit("lorein", op, sub, support, proto.encodes_b1, iterations=10,  # noqa: E731
@@ -359,10 +361,11 @@ def test_series_defaults(tiny):
 def test_output_bounds(tiny):
     """Output pmr or lrr: that block's maps, bounded by the other block's, all from the same fit
     (``blocks`` receives both blocks' maps). T2 is at most exp(t2_cap) x the other's (0: the lower
-    of the two; inf: off), lowered by at most exp(-t2_cap_depth); where the other's T1 and T2 are
-    both above exp(pv_margin) x these and a voxel of the 3x3x3 neighbourhood has this block's T2
-    above pv_near_t2 (0: anywhere), both rise towards the other's by at most exp(pv_reach); PD
-    is untouched. An unknown output is refused before fitting."""
+    of the two; inf: off), lowered by at most exp(-t2_cap_depth); where the other's T1 is above
+    exp(pv_margin) x this one's and its T2 above exp(pv_margin_t2) x, and a voxel of the 3x3x3
+    neighbourhood has this block's T2 above pv_near_t2 (0: anywhere), both rise towards the
+    other's by at most exp(pv_reach); PD is untouched. An unknown output is refused
+    before fitting."""
     from scipy.ndimage import maximum_filter
 
     from gadget_lorein.recon.lorein import fit as lorein
@@ -385,16 +388,18 @@ def test_output_bounds(tiny):
             want = torch.minimum(mine["T2"], torch.maximum(theirs["T2"] * math.exp(margin),
                                                            mine["T2"] * math.exp(-depth)))
             assert torch.allclose(capped["T2"], want), (output, margin, depth)
-        higher = (theirs["T1"] > mine["T1"] * math.exp(0.1)) & (theirs["T2"] > mine["T2"] * math.exp(0.1))
         near_t2 = float(mine["T2"][support].quantile(0.9))   # this tiny phantom has little CSF
         near = torch.from_numpy(maximum_filter(mine["T2"].numpy(), size=3, mode="constant") > near_t2)
-        for gate, up in ((0.0, higher & support), (near_t2, higher & near & support)):
-            raised = fit(output=output, t2_cap=math.inf, pv_reach=0.15, pv_margin=0.1, pv_near_t2=gate)
-            assert bool(up.any()) and bool((support & ~up).any()), output
-            for k in ("T1", "T2"):
-                want = torch.where(up, torch.minimum(theirs[k], mine[k] * math.exp(0.15)), mine[k])
-                assert torch.allclose(raised[k][support], want[support]), (output, k, gate)
-            assert torch.equal(raised["PD"], mine["PD"])
+        for m1, m2, reach in ((0.1, 0.1, 0.15), (0.05, 0.2, math.inf)):
+            higher = (theirs["T1"] > mine["T1"] * math.exp(m1)) & (theirs["T2"] > mine["T2"] * math.exp(m2))
+            for gate, up in ((0.0, higher & support), (near_t2, higher & near & support)):
+                raised = fit(output=output, t2_cap=math.inf, pv_reach=reach, pv_margin=m1, pv_margin_t2=m2,
+                             pv_near_t2=gate)
+                assert bool(up.any()) and bool((support & ~up).any()), (output, m2)
+                for k in ("T1", "T2"):
+                    want = torch.where(up, torch.minimum(theirs[k], mine[k] * math.exp(reach)), mine[k])
+                    assert torch.allclose(raised[k][support], want[support]), (output, k, gate, m2)
+                assert torch.equal(raised["PD"], mine["PD"])
         assert bool((higher & support & ~near).any()), output       # the gate keeps some voxels as they are
     t2 = own["pmr"]["T2"][support], own["lrr"]["T2"][support]
     assert bool((t2[0] > t2[1]).any()) and bool((t2[1] > t2[0]).any())    # the cap acts both ways

@@ -1,6 +1,6 @@
 """The LoREIN fit (arXiv 2506.09100): the LRR and PMR blocks (:mod:`.model`) fitted jointly to the
 measured k-space, scan-specifically. Methods: ``lorein`` (both blocks, tied by a coupling term; maps
-from PMR, its T2 capped by the LRR block's, for a long series, from the LRR block matched to the
+from PMR, its T2 bounded by the LRR block's, for a long series, from the LRR block matched to the
 dictionary for a short one: ``series_defaults``, ``combine_maps``), ``pmr`` (PMR alone), ``lrr``
 (LRR alone, then dictionary matching).
 
@@ -61,11 +61,12 @@ class FitConfig:
     #                                  block's T2 (0: the lower of the two; inf: off; <0: auto)
     t2_cap_depth: float = -1.0       # the cap lowers T2 by at most exp(-t2_cap_depth) (inf: no
     #                                  limit; <0: auto)
-    pv_reach: float = -1.0           # lorein, output pmr or lrr: where the other block's T1 and T2 are
-    #                                  both above exp(pv_margin) x these, next to CSF (pv_near_t2),
-    #                                  they move up towards the other's by at most exp(pv_reach)
-    #                                  (0: off; <0: auto)
-    pv_margin: float = 0.05
+    pv_reach: float = -1.0           # lorein, output pmr or lrr: where the other block's T1 is above
+    #                                  exp(pv_margin) x this one's and its T2 above exp(pv_margin_t2) x
+    #                                  this one's, next to CSF (pv_near_t2), T1 and T2 move up towards
+    #                                  the other's by at most exp(pv_reach) (0: off; <0: auto)
+    pv_margin: float = -1.0          # (<0: auto)
+    pv_margin_t2: float = -1.0       # (<0: auto)
     pv_near_t2: float = 200.0        # "next to CSF": the output block's T2 exceeds this (ms) in a
     #                                  voxel of the 3x3x3 neighbourhood (itself included); 0: anywhere
     patience: int = 40
@@ -185,15 +186,20 @@ def series_defaults(n_frames: int) -> dict:
     PMR block reaches for the ends of its range in mixed voxels, so the maps come from the LRR
     block's coefficients, matched to the dictionary, and the LRR block carries a locally low-rank
     penalty (the llr baseline's prior on a network's output); PMR only nudges them (T2 down by at
-    most 5 %, T1 and T2 up by at most 15 % next to CSF where both of PMR's are higher:
+    most 5 %, T1 and T2 up by at most 15 % next to CSF where both of PMR's are 5 % higher:
     ``combine_maps``). A
     long series (MRF-type) encodes T1 and T2 well enough for the physics block, whose maps are the
     output; the penalty and the LRR output cost accuracy there, and PMR's T2 is capped by the LRR
-    block's (``t2_cap`` 0, ``combine_maps``): next to the CSF it reaches for CSF-like values that
-    the LRR coefficients do not support. docs/design.md gives the measurements."""
+    block's (``t2_cap`` 0): next to the CSF it reaches for CSF-like values that the LRR
+    coefficients do not support. The other way round, next to CSF, where the LRR block's T1 is
+    above exp(0.4) (1.5) x PMR's and its T2 above e x PMR's, T1 and T2 are the LRR block's: a voxel
+    that holds much CSF, which PMR's smooth maps give a tissue's values. docs/design.md gives the
+    measurements."""
     if n_frames <= SHORT_SERIES:
-        return dict(output="lrr", llr_weight=2.0, t2_cap=0.0, t2_cap_depth=0.05, pv_reach=0.15)
-    return dict(output="pmr", llr_weight=0.0, t2_cap=0.0, t2_cap_depth=math.inf, pv_reach=0.0)
+        return dict(output="lrr", llr_weight=2.0, t2_cap=0.0, t2_cap_depth=0.05, pv_reach=0.15,
+                    pv_margin=0.05, pv_margin_t2=0.05)
+    return dict(output="pmr", llr_weight=0.0, t2_cap=0.0, t2_cap_depth=math.inf, pv_reach=math.inf,
+                pv_margin=0.4, pv_margin_t2=1.0)
 
 
 def default_iterations(n_frames: int) -> int:
@@ -222,19 +228,19 @@ def near_csf(t2: torch.Tensor, support: torch.Tensor, threshold: float) -> torch
 
 def combine_maps(output: str, m: dict, ml: dict, cfg: FitConfig, support: torch.Tensor) -> dict:
     """The maps of a lorein fit from PMR's per-voxel maps ``m`` and the LRR block's matched ones
-    ``ml`` (both over ``support``), by ``output`` and FitConfig's (resolved) ``pv_reach``,
-    ``pv_margin``, ``pv_near_t2``, ``t2_cap`` and ``t2_cap_depth``. For output pmr or lrr, that
-    block's maps, then: where the other block's T1 and T2 are both above these by more than
-    exp(pv_margin) and the voxel is next to CSF (``near_csf`` on this block's T2: partial volume
-    with CSF, the one compartment long in both), both move up towards the other's by at most
-    exp(pv_reach); T2 is at most exp(t2_cap) x the other block's, lowered by at most
+    ``ml`` (both over ``support``), by ``output`` and FitConfig's (resolved) ``pv_*``, ``t2_cap``
+    and ``t2_cap_depth``. For output pmr or lrr, that block's maps, then: where the other block's
+    T1 is above this one's by more than exp(pv_margin), its T2 by more than exp(pv_margin_t2), and
+    the voxel is next to CSF (``near_csf`` on this block's T2: partial volume with CSF, the one
+    compartment long in both), T1 and T2 move up towards the other's by at most exp(pv_reach);
+    T2 is at most exp(t2_cap) x the other block's, lowered by at most
     exp(-t2_cap_depth) (docs/design.md, "Output: one block's maps, bounded by the other's")."""
     if output in ("pmr", "lrr"):
         base, other = (m, ml) if output == "pmr" else (ml, m)
         out = dict(base)
         o1, o2 = (other[k].to(base[k].dtype) for k in ("t1", "t2"))
         if cfg.pv_reach > 0:
-            up = (o1 > base["t1"] * math.exp(cfg.pv_margin)) & (o2 > base["t2"] * math.exp(cfg.pv_margin))
+            up = (o1 > base["t1"] * math.exp(cfg.pv_margin)) & (o2 > base["t2"] * math.exp(cfg.pv_margin_t2))
             up &= near_csf(base["t2"], support, cfg.pv_near_t2)
             for k, o in (("t1", o1), ("t2", o2)):
                 out[k] = torch.where(up, torch.minimum(o, base[k] * math.exp(cfg.pv_reach)), base[k])
@@ -268,7 +274,7 @@ def _fit(method, op, sub, support, encodes_b1, iterations, seed, progress, confi
     if output not in OUTPUTS:
         raise ValueError(f"unknown output {output!r}: auto or one of {', '.join(OUTPUTS)}")
     llr_weight = auto["llr_weight"] if cfg.llr_weight < 0 else cfg.llr_weight
-    for knob in ("t2_cap", "t2_cap_depth", "pv_reach"):
+    for knob in ("t2_cap", "t2_cap_depth", "pv_reach", "pv_margin", "pv_margin_t2"):
         if getattr(cfg, knob) < 0:
             cfg = dataclasses.replace(cfg, **{knob: auto[knob]})
     torch.manual_seed(seed)
