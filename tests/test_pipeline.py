@@ -400,7 +400,7 @@ def test_output_bounds(tiny):
                     want = torch.where(up, torch.minimum(theirs[k], mine[k] * math.exp(reach)), mine[k])
                     assert torch.allclose(raised[k][support], want[support]), (output, k, gate, m2)
                 assert torch.equal(raised["PD"], mine["PD"])
-        assert bool((higher & support & ~near).any()), output       # the gate keeps some voxels as they are
+            assert bool((higher & support & ~near).any()), (output, m2)   # the gate keeps some as they are
     t2 = own["pmr"]["T2"][support], own["lrr"]["T2"][support]
     assert bool((t2[0] > t2[1]).any()) and bool((t2[1] > t2[0]).any())    # the cap acts both ways
     with pytest.raises(ValueError, match="unknown output 'lrr2'"):
